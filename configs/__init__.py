@@ -1,0 +1,226 @@
+"""Typed configuration: dataclass defaults <- profile YAML <- `key=value` overrides.
+
+    cfg = load_config("cpu", ["train.epochs=3", "experts=[convnext,dae]"])
+    cfg.train.epochs  # -> 3 (an int: every value is cast to the type of its default)
+
+Unknown keys are errors (a typo must not be silently ignored). The YAML files in this
+folder are named after their profile; `default` values live in the dataclasses below.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 128          # side of the square network input, after the face crop
+    num_workers: int = 0           # DataLoader workers; 0 = load in the main process
+    cache_dir: str = ".cache"      # decoded face crops are cached here (keyed by file + settings)
+    online_fakes: float = 0.0      # probability that a training real becomes an editing fake on the fly
+    online_fake_ops: list[str] = field(default_factory=list)  # empty = all ops in data_prep.manipulations
+
+
+@dataclass
+class FaceConfig:
+    enabled: bool = True
+    detector: str = "lbp"          # OpenCV's LBP frontal-face cascade (shipped in scikit-image)
+    margin: float = 0.3            # box grown by this fraction of its size on every side
+    min_face: float = 0.2          # smallest face side searched, as a fraction of the short image side
+    fallback: str = "center"       # no face found: "center" crop of fallback_fraction, or "full" image
+    fallback_fraction: float = 0.7
+    crop_size: int = 192           # crops are cached at this side; the input transform resizes later
+
+
+@dataclass
+class AugmentConfig:
+    hflip: float = 0.5
+    scale: float = 0.1             # random resized crop: relative scale jitter
+    color: float = 0.3             # probability of brightness/contrast/hue jitter
+    blur: float = 0.1
+    noise: float = 0.1
+    jpeg: float = 0.3
+    jpeg_quality_min: int = 60
+
+
+@dataclass
+class LossConfig:
+    ce: float = 1.0
+    label_smoothing: float = 0.0
+    kl: float = 0.0                # weight of KL(p(x) || p(x + noise)) consistency
+    kl_noise_std: float = 0.05     # Gaussian noise std in normalised-input units
+    nce: float = 0.0               # weight of the supervised contrastive (InfoNCE) loss
+    nce_temperature: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    ema_decay: float = 0.998
+    amp: str = "auto"              # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    channels_last: bool = False
+    grad_accum: int = 1
+    balanced_sampling: bool = True
+    grad_clip: float = 5.0
+    sync_bn: bool = False
+    tta: list[str] = field(default_factory=list)  # test-time augmentation: "hflip", "scale"
+
+
+@dataclass
+class EnsembleConfig:
+    method: str = "auto"           # auto | lgbm | logreg | mean | rank_mean (auto: best CV AUC)
+    cv: int = 5                    # folds of the meta-learner's own cross-validation
+    folds_csv: str = ""            # cluster folds (data_prep.cluster_split): out-of-fold stacking
+
+
+@dataclass
+class ExpertConfig:
+    """One expert = one registered architecture + the backbone it wraps."""
+    kind: str = "classifier"       # name in experts.registry
+    model: str = "convnext_atto"   # timm model name
+    pretrained: bool = False       # hub weights (needs network) ...
+    pretrained_file: str = ""      # ... or a local .safetensors / .pth file
+    image_size: int = 0            # 0 = data.image_size
+    epochs: int = 0                # 0 = train.epochs
+    lr: float = 0.0                # 0 = train.lr
+    trainable: str = "all"         # all | layernorm_head (CLIP: LayerNorm affine + head only)
+    head_layers: int = 1           # MLP head depth (CLIP expert)
+    embed_dim: int = 128           # projection head for the NCE loss
+    drop_rate: float = 0.0
+    score_weights: list[float] = field(default_factory=lambda: [0.4, 0.3, 0.3])  # DAE score mix
+    noise_std: float = 0.1         # DAE input noise (0-1 pixel units)
+
+
+@dataclass
+class Config:
+    profile: str = "cpu"
+    seed: int = 0
+    device: str = "auto"           # auto | cpu | cuda
+    threads: int = 0               # torch CPU threads; 0 = torch's default
+    data_root: str = ""            # empty = build the demo data set
+    out: str = "weights"           # inference-ready weights + manifest
+    reports: str = "reports"
+    run_dir: str = "runs"          # checkpoints (resume) and per-epoch metrics
+    resume: bool = False
+    experts: list[str] = field(default_factory=lambda: ["convnext"])
+    data: DataConfig = field(default_factory=DataConfig)
+    face: FaceConfig = field(default_factory=FaceConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    expert: dict[str, ExpertConfig] = field(default_factory=dict)
+
+    def expert_config(self, name: str) -> ExpertConfig:
+        if name not in self.expert:
+            raise KeyError(f"no expert named {name!r} in the config; known: {sorted(self.expert)}")
+        return self.expert[name]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _cast(value, typ, key: str):
+    """Cast a YAML/CLI value to the declared type of the field (e.g. '3' -> 3 for an int)."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item_type,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            value = [value]
+        return [_cast(v, item_type, key) for v in value]
+    if typ is bool:
+        if isinstance(value, str):
+            if value.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if value.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return bool(value)
+    if typ in (int, float, str):
+        try:
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return typ("" if value is None else value) if typ is str else typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+    return value
+
+
+def _merge(obj, updates: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key {path!r}; valid here: {sorted(hints)}")
+        typ = hints[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a mapping")
+            _merge(current, value, path + ".")
+        elif typing.get_origin(typ) is dict:  # the expert table: name -> ExpertConfig
+            for name, sub in (value or {}).items():
+                entry = current.setdefault(name, ExpertConfig())
+                _merge(entry, sub or {}, f"{path}.{name}.")
+        else:
+            setattr(obj, key, _cast(value, typ, path))
+
+
+def _dotted_to_nested(key: str, value) -> dict:
+    out: dict = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> list[dict]:
+    nested = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, (int, float, bool)) or value is None:
+            value = raw  # keep the raw string; _cast converts it to the declared type
+        nested.append(_dotted_to_nested(key.strip(), value))
+    return nested
+
+
+def load_config(profile: str = "cpu", overrides: list[str] | None = None) -> Config:
+    """Defaults, then configs/<profile>.yaml (or a path to a YAML file), then overrides."""
+    cfg = Config()
+    path = Path(profile) if profile.endswith((".yaml", ".yml")) else CONFIG_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"no profile {profile!r} ({path}); known profiles: {known}")
+    _merge(cfg, yaml.safe_load(path.read_text()) or {})
+    cfg.profile = path.stem
+    for update in parse_overrides(overrides or []):
+        _merge(cfg, update)
+    missing = [e for e in cfg.experts if e not in cfg.expert]
+    if missing:
+        raise ConfigError(f"experts {missing} have no `expert.<name>` section; known: {sorted(cfg.expert)}")
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, data)
+    return cfg

@@ -1,0 +1,1 @@
+"""Data preparation: decoding, face crops, editing fakes and the demo data set."""

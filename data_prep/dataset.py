@@ -1,0 +1,137 @@
+"""Readers for labelled image folders.
+
+Two layouts are accepted under a data root:
+
+* competition: `trainset/` + `trainset_label.txt` (CSV, header `img_name,target`,
+  1 = fake, 0 = real), the same for `valset`, and an optional unlabelled `testset/`
+  (a `testset_label.txt` beside it is read only by evaluation);
+* folders: `real/` and `fake/`.
+
+When there is no validation split (folders layout, or no `valset/`), a stratified
+15 % of the training images is held out with the config's seed.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.images import is_image_file
+
+SPLITS = ("trainset", "valset", "testset")
+
+
+class DataLayoutError(ValueError):
+    """A data root that cannot be read; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    target: int | None  # 1 = fake, 0 = real, None = unlabelled
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name; other files are ignored."""
+    return sorted((p for p in Path(folder).iterdir() if p.is_file() and is_image_file(p)),
+                  key=lambda p: p.name)
+
+
+def read_label_file(label_file: Path) -> dict[str, int]:
+    """img_name -> target from a competition label CSV, with errors naming file and line."""
+    if not label_file.is_file():
+        raise DataLayoutError(f"{label_file}: missing label file")
+    with open(label_file, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows or [c.strip() for c in rows[0][:2]] != ["img_name", "target"]:
+        raise DataLayoutError(f"{label_file}: first line must be the header 'img_name,target'")
+    labels: dict[str, int] = {}
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            raise DataLayoutError(f"{label_file}:{line_no}: expected 'img_name,target', got {row!r}")
+        name, target = row[0].strip(), row[1].strip()
+        if target not in ("0", "1"):
+            raise DataLayoutError(f"{label_file}:{line_no}: target of {name!r} must be 0 or 1, got {target!r}")
+        if name in labels:
+            raise DataLayoutError(f"{label_file}:{line_no}: {name!r} is listed twice")
+        labels[name] = int(target)
+    return labels
+
+
+def read_labelled_split(root: Path, split: str) -> list[Sample]:
+    folder, label_file = root / split, root / f"{split}_label.txt"
+    if not folder.is_dir():
+        raise DataLayoutError(f"{folder}: missing image folder")
+    labels = read_label_file(label_file)
+    images = {p.name: p for p in list_images(folder)}
+    missing = sorted(set(labels) - set(images))
+    if missing:
+        raise DataLayoutError(f"{label_file}: {len(missing)} labelled image(s) not in {folder}/, "
+                              f"e.g. {missing[:3]}")
+    unlabelled = sorted(set(images) - set(labels))
+    if unlabelled:
+        raise DataLayoutError(f"{folder}: {len(unlabelled)} image(s) without a row in {label_file.name}, "
+                              f"e.g. {unlabelled[:3]}")
+    return [Sample(images[n], labels[n]) for n in sorted(labels)]
+
+
+def read_unlabelled(folder: Path) -> list[Sample]:
+    return [Sample(p, None) for p in list_images(folder)]
+
+
+def holdout_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Stratified random hold-out: (train, val)."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for target in (0, 1):
+        group = [s for s in samples if s.target == target]
+        order = rng.permutation(len(group))
+        n_val = int(round(len(group) * fraction))
+        val += [group[i] for i in order[:n_val]]
+        train += [group[i] for i in order[n_val:]]
+    key = lambda s: s.name  # noqa: E731 - stable order, independent of the split draw
+    return sorted(train, key=key), sorted(val, key=key)
+
+
+def load_splits(root, seed: int = 0, val_fraction: float = 0.15) -> dict[str, list[Sample]]:
+    """{'trainset': [...], 'valset': [...], 'testset': [...] (may be empty)}; targets of the
+    testset are None here: evaluation reads them with `read_test_labels`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataLayoutError(f"{root}: data root is not a directory")
+    if (root / "trainset").is_dir() or (root / "trainset_label.txt").exists():
+        train = read_labelled_split(root, "trainset")
+        if (root / "valset").is_dir():
+            val = read_labelled_split(root, "valset")
+        else:
+            train, val = holdout_split(train, val_fraction, seed)
+    elif (root / "real").is_dir() and (root / "fake").is_dir():
+        pool = [Sample(p, 0) for p in list_images(root / "real")] + \
+               [Sample(p, 1) for p in list_images(root / "fake")]
+        train, val = holdout_split(pool, val_fraction, seed)
+    else:
+        raise DataLayoutError(f"{root}: expected trainset/ + trainset_label.txt, or real/ + fake/")
+    for split, samples in (("trainset", train), ("valset", val)):
+        classes = {s.target for s in samples}
+        if classes != {0, 1}:
+            raise DataLayoutError(f"{root}: {split} needs both real (0) and fake (1) images, has {sorted(classes)}")
+    test = read_unlabelled(root / "testset") if (root / "testset").is_dir() else []
+    return {"trainset": train, "valset": val, "testset": test}
+
+
+def read_test_labels(root) -> dict[str, int] | None:
+    label_file = Path(root) / "testset_label.txt"
+    return read_label_file(label_file) if label_file.exists() else None
+
+
+def summarize(samples: list[Sample]) -> dict:
+    n_fake = sum(1 for s in samples if s.target == 1)
+    return {"n": len(samples), "n_fake": n_fake, "n_real": len(samples) - n_fake}

@@ -1,0 +1,122 @@
+"""Face crop, identical in training and inference.
+
+Detector: OpenCV's LBP frontal-face cascade. OpenCV 5's Python wheel no longer ships
+`CascadeClassifier` nor the cascade files, so we run the same OpenCV cascade through
+scikit-image's `Cascade`, which ships the XML file (nothing is downloaded).
+
+Crop rule: the largest detected face, grown by `margin` of its size on every side, made
+square, shifted inside the image (never padded), resized to `crop_size`. When no face is
+found, `fallback="center"` takes a centred square of `fallback_fraction` of the short side
+(photographs of people are usually centred); `fallback="full"` resizes the whole image.
+With `enabled=false` every image goes through the fallback rule.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from configs import FaceConfig
+from data_prep.images import decode_image
+
+_DETECTOR = None  # one cascade per process; skimage's Cascade is not picklable across workers
+
+
+def _detector():
+    global _DETECTOR
+    if _DETECTOR is None:
+        import skimage.data
+        import skimage.feature
+        _DETECTOR = skimage.feature.Cascade(skimage.data.lbp_frontal_face_cascade_filename())
+    return _DETECTOR
+
+
+def detect_largest_face(rgb: np.ndarray, min_face: float = 0.2) -> tuple[int, int, int, int] | None:
+    """(x, y, w, h) of the largest face, or None. Runs on a <=320 px grayscale copy for speed."""
+    h, w = rgb.shape[:2]
+    scale = min(1.0, 320.0 / max(h, w))
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    if scale < 1.0:
+        gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    side = min(gray.shape)
+    min_px = max(24, int(min_face * side))
+    if side < min_px:
+        return None
+    found = _detector().detect_multi_scale(img=gray, scale_factor=1.2, step_ratio=1,
+                                           min_size=(min_px, min_px), max_size=(side, side))
+    if not found:
+        return None
+    best = max(found, key=lambda d: d["width"] * d["height"])
+    return (round(best["c"] / scale), round(best["r"] / scale),
+            round(best["width"] / scale), round(best["height"] / scale))
+
+
+def square_crop_box(shape_hw, face_box, cfg: FaceConfig) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the square crop for a face box (or the fallback when None)."""
+    h, w = shape_hw
+    if face_box is None:
+        if cfg.fallback == "full":
+            return 0, 0, w, h
+        side = max(1, round(min(h, w) * cfg.fallback_fraction))
+        cx, cy = w / 2, h / 2
+    else:
+        x, y, bw, bh = face_box
+        side = round(max(bw, bh) * (1 + 2 * cfg.margin))
+        cx, cy = x + bw / 2, y + bh / 2
+    side = min(side, h, w)
+    x0 = int(np.clip(round(cx - side / 2), 0, w - side))
+    y0 = int(np.clip(round(cy - side / 2), 0, h - side))
+    return x0, y0, x0 + side, y0 + side
+
+
+def crop_face(rgb: np.ndarray, cfg: FaceConfig) -> tuple[np.ndarray, bool]:
+    """Return (crop_size x crop_size RGB crop, whether a face was found)."""
+    box = detect_largest_face(rgb, cfg.min_face) if cfg.enabled else None
+    x0, y0, x1, y1 = square_crop_box(rgb.shape[:2], box, cfg)
+    crop = rgb[y0:y1, x0:x1]
+    size = cfg.crop_size
+    interp = cv2.INTER_AREA if crop.shape[0] > size else cv2.INTER_CUBIC
+    return np.ascontiguousarray(cv2.resize(crop, (size, size), interpolation=interp)), box is not None
+
+
+class FaceCropCache:
+    """Disk cache of face crops: decode and detect once, reuse every epoch and every run.
+
+    Keyed by the file's absolute path, size and mtime plus the face settings, so an edited
+    file or a changed setting is recomputed rather than served stale.
+    """
+
+    def __init__(self, cfg: FaceConfig, cache_dir: str | os.PathLike | None):
+        self.cfg = cfg
+        settings = json.dumps(asdict(cfg), sort_keys=True)
+        self.dir = None
+        if cache_dir:
+            tag = hashlib.sha1(settings.encode()).hexdigest()[:10]
+            self.dir = Path(cache_dir) / f"faces_{tag}"
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _key(self, path: Path) -> str:
+        st = path.stat()
+        return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+
+    def load(self, path) -> np.ndarray:
+        """Face crop of an image file; raises ImageDecodeError for a broken file."""
+        path = Path(path)
+        if self.dir is None:
+            return crop_face(decode_image(path), self.cfg)[0]
+        cached = self.dir / (self._key(path) + ".npy")
+        if cached.exists():
+            try:
+                return np.load(cached, allow_pickle=False)
+            except (OSError, ValueError):
+                pass  # a half-written cache file from a killed run: recompute it
+        crop = crop_face(decode_image(path), self.cfg)[0]
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, crop, allow_pickle=False)
+        os.replace(tmp, cached)  # atomic: parallel workers never read a partial file
+        return crop

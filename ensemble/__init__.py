@@ -1,0 +1,1 @@
+"""Score fusion, evaluation metrics, plots and Grad-CAM for the deepfake experts."""

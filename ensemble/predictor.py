@@ -1,0 +1,164 @@
+"""The trained detector: experts + their combiner, loaded once from `weights/`.
+
+    detector = Detector.from_weights("weights")
+    p_fake, per_expert = detector.score_crops({size: uint8 tensor (B, 3, size, size)})
+
+Used by `infer.py`, `ensemble.fit`, `ensemble.evaluate` and the benchmarks, so every
+caller crops, resizes and combines exactly as training did.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from configs import FaceConfig
+from data_prep.faces import crop_face
+from data_prep.images import ImageDecodeError, decode_image
+from data_prep.transforms import resize_square, to_tensor
+from experts.weights import WeightsError, face_config_of, load_expert, read_manifest, verified_file
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise WeightsError("--device cuda: no CUDA device is visible")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@dataclass
+class Detector:
+    experts: dict                      # name -> Expert (eval mode, on device)
+    face: FaceConfig
+    device: torch.device
+    tta: list[str] = field(default_factory=list)
+    stacker: object | None = None      # ensemble.stacking.StackingEnsemble, or None = mean
+
+    @classmethod
+    def from_weights(cls, weights_dir, experts: list[str] | None = None, device="auto",
+                     tta: list[str] | None = None) -> "Detector":
+        weights_dir = Path(weights_dir)
+        manifest = read_manifest(weights_dir)
+        available = list(manifest.get("experts", {}))
+        ens = manifest.get("ensemble", {}).get("stacker")
+        names = experts or (ens["experts"] if ens else available)
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise WeightsError(f"{weights_dir}: no expert(s) {unknown}; available: {available}")
+        dev = pick_device(device)
+        loaded, faces = {}, set()
+        for name in names:
+            loaded[name], entry = load_expert(weights_dir, name, dev)
+            faces.add(json.dumps(entry["face"], sort_keys=True))
+        if len(faces) > 1:
+            raise WeightsError(f"{weights_dir}: experts {names} were trained with different face-crop "
+                               f"settings; score them separately")
+        face = face_config_of(manifest["experts"][names[0]])
+        stacker = None
+        if ens and list(ens["experts"]) == list(names):  # a subset falls back to the plain mean
+            from ensemble.stacking import StackingEnsemble
+            path = verified_file(weights_dir, ens, "ensemble")
+            stacker = StackingEnsemble.from_state(json.loads(path.read_text()))
+            tta = ens.get("tta", []) if tta is None else tta
+        return cls(loaded, face, dev, list(tta or []), stacker)
+
+    @property
+    def input_sizes(self) -> list[int]:
+        return sorted({m.image_size for m in self.experts.values()})
+
+    def feature_names(self) -> list[str]:
+        names = list(self.experts)
+        if "hflip" in self.tta:
+            names += [f"{n}_tta_spread" for n in self.experts]
+        return names
+
+    @torch.no_grad()
+    def expert_features(self, batch: dict[int, torch.Tensor]) -> np.ndarray:
+        """(B, n_features): each expert's P(fake), averaged over TTA views, then (with TTA)
+        each expert's spread between views, a cue of uncertainty the stacker may use."""
+        means, spreads = [], []
+        for model in self.experts.values():
+            x = batch[model.image_size].to(self.device, non_blocking=True).float().div_(255)
+            views = [model.predict_proba(x)]
+            if "hflip" in self.tta:
+                views.append(model.predict_proba(x.flip(3)))
+            views = torch.stack(views).float().cpu()
+            means.append(views.mean(0))
+            spreads.append(views.max(0).values - views.min(0).values)
+        cols = means + (spreads if "hflip" in self.tta else [])
+        return torch.stack(cols, dim=1).numpy()
+
+    def combine(self, features: np.ndarray) -> np.ndarray:
+        if self.stacker is not None:
+            return self.stacker.predict_proba(features)[:, 1]
+        return features[:, : len(self.experts)].mean(axis=1)
+
+    def score_crops(self, batch: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        features = self.expert_features(batch)
+        return self.combine(features), features
+
+    def prepare(self, rgb: np.ndarray) -> dict[int, torch.Tensor]:
+        """One decoded image -> {input size: uint8 tensor (3, S, S)}, as in training."""
+        crop = crop_face(rgb, self.face)[0]
+        return {s: to_tensor(resize_square(crop, s)) for s in self.input_sizes}
+
+
+class ImageFiles(Dataset):
+    """Decode + face-crop in DataLoader workers, so it overlaps with the forward passes.
+    Items: (index, {size: tensor} or {}, error message or "")."""
+
+    def __init__(self, paths: list[Path], detector: Detector):
+        self.paths, self.face, self.sizes = paths, detector.face, detector.input_sizes
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            crop = crop_face(decode_image(self.paths[i]), self.face)[0]
+        except ImageDecodeError as err:
+            return i, {}, str(err)
+        return i, {s: to_tensor(resize_square(crop, s)) for s in self.sizes}, ""
+
+
+def collate_images(items):
+    """Keep the failures out of the batch but remember them (their rows still get written)."""
+    ok = [(i, t) for i, t, e in items if not e]
+    failed = [(i, e) for i, _, e in items if e]
+    batch = {s: torch.stack([t[s] for _, t in ok]) for s in (ok[0][1] if ok else {})}
+    return [i for i, _ in ok], batch, failed
+
+
+def score_files(detector: Detector, paths: list[Path], batch_size=32, workers=0, progress=False):
+    """Yield (indices, p_fake, features, failed [(index, message)]) batch by batch, with
+    decoding and face cropping in `workers` processes overlapping the forward passes."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    loader = DataLoader(ImageFiles(paths, detector), batch_size=batch_size, collate_fn=collate_images,
+                        num_workers=workers if len(paths) > batch_size else 0,
+                        pin_memory=detector.device.type == "cuda")
+    with tqdm(total=len(paths), desc="scoring", unit="img", disable=not progress) as bar:
+        for indices, batch, failed in loader:
+            p, features = detector.score_crops(batch) if indices else (np.zeros(0), np.zeros((0, 0)))
+            yield indices, p, features, failed
+            bar.update(len(indices) + len(failed))
+
+
+def score_samples(detector: Detector, paths: list[Path], batch_size=32, workers=0, progress=False):
+    """All at once: (p_fake (n,), features (n, f)) with NaN rows for unreadable files, and
+    {index: message} of those."""
+    n_features = len(detector.feature_names())
+    p_all, f_all = np.full(len(paths), np.nan), np.full((len(paths), n_features), np.nan)
+    errors = {}
+    for indices, p, features, failed in score_files(detector, paths, batch_size, workers, progress):
+        p_all[indices], f_all[indices] = p, features
+        errors.update(dict(failed))
+    return p_all, f_all, errors

@@ -1,0 +1,158 @@
+"""The interface every expert implements, and the registry that builds them by name.
+
+An expert is an `nn.Module` that takes a float batch in [0, 1] (B, 3, H, W) and gives
+  forward(x)         -> logits (B, 2), class 1 = fake
+  predict_proba(x)   -> P(fake) (B,)
+  embed(x)           -> feature vectors (B, D) for clustering and t-SNE
+  training_loss(x, y, loss_cfg) -> (loss, {name: float}), used by the one trainer.
+Normalisation (mean/std) is a buffer of the expert, so it is saved with the weights.
+
+    @register_expert("convnext")
+    class ConvNeXtExpert(BackboneClassifier): ...
+    model = create_expert(expert_cfg, image_size=128)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configs import ExpertConfig, LossConfig
+from experts.losses import classification_losses
+
+EXPERTS: dict[str, type["Expert"]] = {}
+
+
+def register_expert(kind: str):
+    def decorator(cls):
+        if kind in EXPERTS:
+            raise ValueError(f"expert kind {kind!r} registered twice")
+        cls.kind = kind
+        EXPERTS[kind] = cls
+        return cls
+    return decorator
+
+
+def create_expert(cfg: ExpertConfig, image_size: int) -> "Expert":
+    if cfg.kind not in EXPERTS:
+        raise KeyError(f"unknown expert kind {cfg.kind!r}; registered: {sorted(EXPERTS)}")
+    return EXPERTS[cfg.kind](cfg, image_size)
+
+
+class PretrainedWeightsError(RuntimeError):
+    pass
+
+
+def create_backbone(cfg: ExpertConfig, **kwargs) -> nn.Module:
+    """A timm backbone without classifier, from the hub, a local file, or random init."""
+    if cfg.pretrained_file:
+        path = Path(cfg.pretrained_file)
+        if not path.is_file():
+            raise PretrainedWeightsError(f"{path}: pretrained_file not found")
+        # timm reads .safetensors directly, and .pth/.bin with torch.load(weights_only=True).
+        return timm.create_model(cfg.model, pretrained=True, num_classes=0,
+                                 pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    if cfg.pretrained:
+        try:
+            return timm.create_model(cfg.model, pretrained=True, num_classes=0, **kwargs)
+        except Exception as err:  # offline, unknown tag, ...: one clear line, no retry loop
+            hint = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+            raise PretrainedWeightsError(
+                f"cannot load pretrained weights for {cfg.model!r}{hint}: {type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200]}. Use pretrained_file=PATH or pretrained=false."
+            ) from None
+    return timm.create_model(cfg.model, pretrained=False, num_classes=0, **kwargs)
+
+
+class Expert(nn.Module):
+    kind = "expert"
+    trains_on_real_only = False  # the DAE learns what real faces look like, nothing else
+
+    def __init__(self, cfg: ExpertConfig, image_size: int,
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        super().__init__()
+        self.cfg = cfg
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_loss(self, x, y, loss_cfg: LossConfig):
+        raise NotImplementedError
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x).float().softmax(dim=1)[:, 1]
+
+    def gradcam_layer(self) -> nn.Module | None:
+        """The layer Grad-CAM explains (last spatial feature map), if any."""
+        return None
+
+    def parameter_counts(self) -> tuple[int, int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return total, trainable
+
+
+class BackboneClassifier(Expert):
+    """timm backbone -> pooled features -> linear/MLP head (2 logits), plus a projection
+    head whose L2-normalised output feeds the supervised contrastive loss."""
+
+    def __init__(self, cfg: ExpertConfig, image_size: int):
+        backbone = create_backbone(cfg, drop_rate=cfg.drop_rate)
+        data_cfg = backbone.pretrained_cfg or {}
+        super().__init__(cfg, image_size, data_cfg.get("mean", (0.485, 0.456, 0.406)),
+                         data_cfg.get("std", (0.229, 0.224, 0.225)))
+        self.backbone = backbone
+        width = backbone.num_features
+        self.head = make_mlp(width, 2, cfg.head_layers)
+        self.projector = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.embed_dim))
+
+    def features(self, x):
+        return self.backbone(self.normalize(x))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    def embed(self, x):
+        return self.features(x)
+
+    def training_loss(self, x, y, loss_cfg: LossConfig):
+        feats = self.features(x)
+        logits = self.head(feats)
+        # The noisy copy only matters for the KL term; skip its forward pass otherwise.
+        noisy_logits = None
+        if loss_cfg.kl > 0:
+            noisy = (x + loss_cfg.kl_noise_std * torch.randn_like(x)).clamp(0, 1)
+            noisy_logits = self(noisy)
+        projected = F.normalize(self.projector(feats), dim=1) if loss_cfg.nce > 0 else None
+        # Keep the projector in the graph when NCE is off, so DDP sees every parameter used.
+        anchor = 0.0 if projected is not None else 0.0 * sum(p.sum() for p in self.projector.parameters())
+        loss, logs = classification_losses(logits, y, loss_cfg, noisy_logits, projected)
+        return loss + anchor, logs
+
+    def gradcam_layer(self):
+        stages = getattr(self.backbone, "stages", None) or getattr(self.backbone, "blocks", None)
+        if stages is not None and len(stages) and hasattr(self.backbone, "stages"):
+            return stages[-1]
+        return getattr(self.backbone, "conv_head", None) or getattr(self.backbone, "layer4", None)
+
+
+def make_mlp(width: int, out: int, layers: int) -> nn.Module:
+    if layers <= 1:
+        return nn.Linear(width, out)
+    blocks: list[nn.Module] = []
+    for _ in range(layers - 1):
+        blocks += [nn.Linear(width, width), nn.GELU()]
+    return nn.Sequential(*blocks, nn.Linear(width, out))

@@ -1,0 +1,449 @@
+"""The one training loop, for every expert.
+
+    python -m experts.train DATA_ROOT [profile=cpu] [key=value ...]
+
+For each name in `experts`: build the expert from its config, train it with AdamW, a
+warm-up + cosine schedule and EMA weights, validate (AUC) every epoch with both the raw and
+the EMA weights, keep the best EMA weights, checkpoint every epoch (`resume=true` continues
+to the same result), then bake the best EMA weights into `<out>/<name>.safetensors` and the
+manifest. Under `torchrun` it runs data-parallel (DDP); rank 0 logs and writes.
+
+Determinism: every random choice of epoch e (sample order, augmentations, online fakes,
+dropout) is seeded from (seed, e, sample index), so an interrupted run resumed from its last
+checkpoint draws exactly what the uninterrupted run drew.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from configs import Config, ExpertConfig, load_config, to_dict
+from data_prep.dataset import Sample, load_splits, summarize
+from data_prep.faces import FaceCropCache
+from data_prep.images import ImageDecodeError
+from data_prep.transforms import resize_square, to_tensor, train_augmentations
+from ensemble.metrics import roc_auc
+from experts import create_expert
+from experts.weights import save_expert
+
+log = logging.getLogger("train")
+
+
+# ----------------------------------------------------------------------------- runtime
+
+@dataclasses.dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: device=cuda but no CUDA device is visible")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    return Runtime(device, rank, world)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def mixed_precision(cfg: Config, device: torch.device):
+    """(autocast dtype or None, needs GradScaler). CPU autocast is off unless asked: on the
+    2-core CPU we measured bf16 slower than fp32 for these small models."""
+    mode = cfg.train.amp
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None, False
+    if mode == "auto":
+        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+    return dtype, (dtype == torch.float16 and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- data
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, index...), stable across runs and processes."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+               .astype(np.uint64).dot([1, 1 << 31])) & ((1 << 63) - 1)
+
+
+def cache_face_crops(samples: list[Sample], crops: FaceCropCache, num_workers: int, show: bool) -> list[Sample]:
+    """Decode and face-crop every image once (filling the cache); broken files are skipped
+    with a one-line warning each and counted, never stopping the run."""
+    loader = DataLoader(_CropProbe(samples, crops), batch_size=None, num_workers=num_workers)
+    kept, broken = [], []
+    for index, error in tqdm(loader, total=len(samples), desc="face crops", disable=not show, leave=False):
+        if error:
+            broken.append(error)
+            log.warning("skipped %s", error)
+        else:
+            kept.append(samples[index])
+    if broken:
+        log.warning("%d of %d images could not be read and were skipped", len(broken), len(samples))
+    return kept
+
+
+class _CropProbe(Dataset):
+    def __init__(self, samples, crops):
+        self.samples, self.crops = samples, crops
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        try:
+            self.crops.load(self.samples[i].path)
+            return i, ""
+        except ImageDecodeError as err:
+            return i, str(err)
+
+
+class FaceCropDataset(Dataset):
+    """(uint8 tensor 3 x S x S, label). Training: augmentations and, with probability
+    `online_fakes`, a real turned into an editing fake (label 1) on the fly."""
+
+    def __init__(self, samples, crops: FaceCropCache, size: int, cfg: Config, train: bool):
+        self.samples, self.crops, self.size, self.train = samples, crops, size, train
+        self.seed, self.epoch = cfg.seed, 0
+        self.augment = train_augmentations(cfg.augment, size) if train else None
+        self.online_fakes = cfg.data.online_fakes if train else 0.0
+        self.fake_ops = cfg.data.online_fake_ops or None
+        self.real_indices = [i for i, s in enumerate(samples) if s.target == 0]
+        self.margin = cfg.face.margin
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        sample = self.samples[i]
+        image, target = self.crops.load(sample.path), sample.target
+        if self.train:
+            rng = np.random.default_rng(sample_seed(self.seed, self.epoch, i))
+            if target == 0 and self.online_fakes > 0 and rng.random() < self.online_fakes:
+                image, target = self.make_fake(image, rng)
+            self.augment.set_random_seed(int(rng.integers(2**31)))
+            image = self.augment(image=image)["image"]
+        return to_tensor(resize_square(image, self.size)), target
+
+    def make_fake(self, image, rng):
+        from data_prep.manipulations import random_manipulation
+        donor = self.crops.load(self.samples[int(rng.choice(self.real_indices))].path)
+        side = image.shape[0]
+        face = round(side / (1 + 2 * self.margin))  # the crop is centred on the face box
+        box = ((side - face) // 2, (side - face) // 2, face, face)
+        fake, _mask, _name = random_manipulation(image, rng, donor=donor, face_box=box, names=self.fake_ops)
+        return fake, 1
+
+
+class EpochSampler(Sampler):
+    """Seeded per epoch, sharded by rank. Class-balanced: draws with replacement so each
+    class is seen equally often; else a permutation."""
+
+    def __init__(self, targets, balanced: bool, seed: int, rank=0, world=1):
+        self.targets = np.asarray(targets)
+        self.balanced, self.seed, self.rank, self.world = balanced, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.targets) // self.world
+
+    def __iter__(self):
+        g = np.random.default_rng(sample_seed(self.seed, self.epoch, 1 << 20))
+        n = len(self.targets)
+        if self.balanced and len(np.unique(self.targets)) > 1:
+            counts = np.bincount(self.targets)
+            weights = 1.0 / counts[self.targets]
+            order = g.choice(n, size=n, replace=True, p=weights / weights.sum())
+        else:
+            order = g.permutation(n)
+        return iter(order[self.rank::self.world][: len(self)].tolist())
+
+
+def make_loader(dataset, cfg: Config, sampler=None, batch_size=None, shuffle=False):
+    return DataLoader(dataset, batch_size=batch_size or cfg.train.batch_size, sampler=sampler,
+                      shuffle=shuffle, num_workers=cfg.data.num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=sampler is not None,
+                      persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------- training
+
+class TrainStep(nn.Module):
+    """Wraps the expert so that DDP sees the loss computation as one forward pass."""
+
+    def __init__(self, expert, loss_cfg):
+        super().__init__()
+        self.expert, self.loss_cfg = expert, loss_cfg
+
+    def forward(self, x, y):
+        return self.expert.training_loss(x, y, self.loss_cfg)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def to_input(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def predict(model, loader, device, channels_last=False, amp_dtype=None, show=False, desc="val"):
+    model.eval()
+    scores, labels = [], []
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    for x, y in tqdm(loader, desc=desc, disable=not show, leave=False):
+        with autocast:
+            scores.append(model.predict_proba(to_input(x, device, channels_last)).float().cpu())
+        labels.append(y)
+    return torch.cat(scores).numpy(), torch.cat(labels).numpy()
+
+
+def safe_auc(y, p) -> float:
+    try:
+        return float(roc_auc(y, p))
+    except ValueError:
+        return float("nan")
+
+
+def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime) -> dict:
+    """Train one expert; returns its summary (also written to the manifest)."""
+    ecfg: ExpertConfig = cfg.expert_config(name)
+    size = ecfg.image_size or cfg.data.image_size
+    epochs = ecfg.epochs or cfg.train.epochs
+    lr = ecfg.lr or cfg.train.lr
+    run_dir = Path(cfg.run_dir) / name
+    show = rt.is_main and sys.stderr.isatty() or os.environ.get("FORCE_TQDM") == "1"
+    seed_everything(cfg.seed)
+
+    crops = FaceCropCache(cfg.face, cfg.data.cache_dir)
+    expert = create_expert(ecfg, size).to(rt.device)
+    train_samples = splits["trainset"]
+    if expert.trains_on_real_only:
+        train_samples = [s for s in train_samples if s.target == 0]
+    train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True)
+    val_set = FaceCropDataset(splits["valset"], crops, size, cfg, train=False)
+    sampler = EpochSampler([s.target for s in train_samples], cfg.train.balanced_sampling and
+                           not expert.trains_on_real_only, cfg.seed, rt.rank, rt.world)
+    train_loader = make_loader(train_set, cfg, sampler)
+    val_loader = make_loader(val_set, cfg, batch_size=2 * cfg.train.batch_size)
+    if len(train_loader) == 0:
+        raise SystemExit(f"error: {name}: {len(train_samples)} training images are fewer than one batch "
+                         f"({cfg.train.batch_size} x {rt.world} processes); lower train.batch_size")
+
+    if cfg.train.channels_last:
+        expert = expert.to(memory_format=torch.channels_last)
+    step_module: nn.Module = TrainStep(expert, cfg.loss)
+    if rt.world > 1:
+        if cfg.train.sync_bn and rt.device.type == "cuda":
+            step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+    params = [p for p in expert.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+    steps_per_epoch = max(1, len(train_loader) // cfg.train.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        epochs * steps_per_epoch, round(cfg.train.warmup_epochs * steps_per_epoch)))
+    from torch_ema import ExponentialMovingAverage
+    ema = ExponentialMovingAverage(params, decay=cfg.train.ema_decay)
+    amp_dtype, use_scaler = mixed_precision(cfg, rt.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+    start_epoch, best = 0, {"auc": -1.0, "epoch": -1, "state": None}
+    history: list[dict] = []
+    checkpoint = run_dir / "checkpoint.pt"
+    if cfg.resume and checkpoint.is_file():
+        ck = torch.load(checkpoint, map_location=rt.device, weights_only=True)
+        expert.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        ema.load_state_dict(ck["ema"])
+        scaler.load_state_dict(ck["scaler"])
+        start_epoch, history = ck["epoch"] + 1, json.loads(ck["history"])
+        best = {"auc": ck["best_auc"], "epoch": ck["best_epoch"], "state": ck["best_state"]}
+        if rt.is_main:
+            log.info("%s: resumed from %s at epoch %d", name, checkpoint, start_epoch)
+
+    total, trainable = expert.parameter_counts()
+    if rt.is_main:
+        log.info("%s (%s, %s): %d train / %d val images, %d epochs, %.2fM params (%.3f%% trainable)",
+                 name, ecfg.kind, ecfg.model, len(train_samples), len(splits["valset"]), epochs,
+                 total / 1e6, 100 * trainable / total)
+    started = time.time()
+    for epoch in range(start_epoch, epochs):
+        seed_everything(sample_seed(cfg.seed, epoch))
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        expert.train()
+        epoch_start, sums, n_batches, n_images = time.time(), {}, 0, 0
+        bar = tqdm(train_loader, desc=f"{name} {epoch + 1}/{epochs}", disable=not show, leave=False)
+        for step, (x, y) in enumerate(bar):
+            x, y = to_input(x, rt.device, cfg.train.channels_last), y.to(rt.device)
+            with torch.autocast(rt.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                loss, logs = step_module(x, y)
+            scaler.scale(loss / cfg.train.grad_accum).backward()
+            if (step + 1) % cfg.train.grad_accum == 0:
+                scaler.unscale_(optimizer)
+                if cfg.train.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                ema.update()
+            logs["loss"] = loss.item()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_batches += 1
+            n_images += len(x)
+            bar.set_postfix(loss=f"{sums['loss'] / n_batches:.4f}")
+        train_seconds = time.time() - epoch_start
+
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               **{f"train_{k}": v / max(1, n_batches) for k, v in sums.items()},
+               "train_images_per_s": n_images * rt.world / max(train_seconds, 1e-9)}
+        if rt.is_main:
+            p_raw, y_val = predict(expert, val_loader, rt.device, cfg.train.channels_last, amp_dtype, show)
+            with torch.no_grad(), ema.average_parameters():  # no_grad: torch-ema's state breaks otherwise
+                p_ema, _ = predict(expert, val_loader, rt.device, cfg.train.channels_last, amp_dtype, show)
+                ema_state = {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}
+            row.update(val_auc=safe_auc(y_val, p_raw), val_auc_ema=safe_auc(y_val, p_ema),
+                       seconds=time.time() - epoch_start)
+            if best["state"] is None or row["val_auc_ema"] > best["auc"] or math.isnan(best["auc"]):
+                best = {"auc": row["val_auc_ema"], "epoch": epoch + 1, "state": ema_state}
+            history.append(row)
+            log.info("%s epoch %d/%d  loss %.4f  val AUC %.4f (EMA %.4f)  %.0f img/s  %.0fs", name, epoch + 1,
+                     epochs, row["train_loss"], row["val_auc"], row["val_auc_ema"],
+                     row["train_images_per_s"], row["seconds"])
+            save_checkpoint(checkpoint, expert, optimizer, scheduler, ema, scaler, epoch, history, best)
+        if rt.world > 1:
+            dist.barrier()
+
+    if not rt.is_main:
+        return {}
+    expert.load_state_dict(best["state"])
+    if hasattr(expert, "finalize"):
+        real_batches = ((to_input(x, rt.device, False), y) for x, y in
+                        make_loader(FaceCropDataset(train_samples, crops, size, cfg, train=False), cfg))
+        val_batches = ((to_input(x, rt.device, False), y) for x, y in val_loader)
+        expert.eval()
+        expert.finalize(real_batches, val_batches)
+    p_val, y_val = predict(expert, val_loader, rt.device, show=show)
+    write_history(run_dir, history)
+    summary = {
+        "best_epoch": best["epoch"], "val_auc": safe_auc(y_val, p_val), "epochs": epochs,
+        "train_seconds": round(time.time() - started, 1), "image_size": size,
+        "data": {"trainset": summarize(train_samples), "valset": summarize(splits["valset"])},
+        "history": history,
+    }
+    save_expert(expert, cfg.out, name, cfg.face, {"training": summary}, config=to_dict(cfg))
+    (run_dir / "val_scores.json").write_text(json.dumps(
+        {s.name: float(p) for s, p in zip(splits["valset"], p_val)}))
+    log.info("%s: best epoch %d, val AUC %.4f -> %s/%s.safetensors", name, best["epoch"],
+             summary["val_auc"], cfg.out, name)
+    return summary
+
+
+def save_checkpoint(path: Path, expert, optimizer, scheduler, ema, scaler, epoch, history, best) -> None:
+    """Everything needed to continue; plain tensors and numbers only (loads with weights_only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": expert.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": ema.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "history": json.dumps(history), "best_auc": best["auc"],
+                "best_epoch": best["epoch"], "best_state": best["state"]}, tmp)
+    os.replace(tmp, path)
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(history, indent=2))
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    positional = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    profile = next((o.split("=", 1)[1] for o in overrides if o.startswith("profile=")), "cpu")
+    overrides = [o for o in overrides if not o.startswith("profile=")]
+    if positional:
+        overrides.append(f"data_root={positional[0]}")
+    cfg = load_config(profile, overrides)
+    if not cfg.data_root:
+        raise SystemExit("error: no data root: python -m experts.train DATA_ROOT [key=value ...]")
+    rt = setup_runtime(cfg)
+    splits = load_splits(cfg.data_root, seed=cfg.seed)
+    crops = FaceCropCache(cfg.face, cfg.data.cache_dir)
+    for split in ("trainset", "valset"):
+        if rt.is_main:
+            splits[split] = cache_face_crops(splits[split], crops, cfg.data.num_workers, show=True)
+    if rt.world > 1:  # the other ranks read the crops rank 0 just cached
+        dist.barrier()
+        if not rt.is_main:
+            for split in ("trainset", "valset"):
+                splits[split] = cache_face_crops(splits[split], crops, 0, show=False)
+    for name in cfg.experts:
+        train_expert(cfg, name, splits, rt)
+    if rt.world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

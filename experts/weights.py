@@ -1,0 +1,148 @@
+"""Inference-ready weights: one `.safetensors` per model plus `manifest.json`.
+
+The manifest records, per expert, the kind and config that built it, input size and
+normalisation, the face-crop settings, the training data summary, validation metrics and
+the sha256 of its file; plus library versions and the full training config. Loading checks
+the hash and loads strictly, so a tampered, truncated or mismatched file is refused with a
+one-line reason. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from configs import ExpertConfig, FaceConfig
+from experts.base import Expert, create_expert
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be used; the message names the file and the reason."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict:
+    import numpy
+    import timm
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "timm": timm.__version__, "numpy": numpy.__version__}
+    for name in ("lightgbm", "sklearn", "albumentations", "cv2"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def read_manifest(weights_dir) -> dict:
+    path = Path(weights_dir) / MANIFEST
+    if not path.is_file():
+        raise WeightsError(f"{path}: no trained weights here; run `bash train.sh` first "
+                           f"(or pass --weights DIR)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{path}: not valid JSON ({err})") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise WeightsError(f"{path}: manifest format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def write_manifest(weights_dir, manifest: dict) -> Path:
+    """Atomic write, so a killed run never leaves a half manifest."""
+    path = Path(weights_dir) / MANIFEST
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def update_manifest(weights_dir, section: str, name: str, entry: dict, config: dict | None = None) -> Path:
+    """Add or replace one entry (`experts` or `ensemble`) in the manifest, keeping the others."""
+    weights_dir = Path(weights_dir)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = read_manifest(weights_dir)
+    except WeightsError:
+        manifest = {"format": FORMAT_VERSION, "experts": {}}
+    manifest.setdefault(section, {})[name] = entry
+    manifest["versions"] = library_versions()
+    manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if config is not None:
+        manifest["config"] = config
+    return write_manifest(weights_dir, manifest)
+
+
+def save_expert(model: Expert, weights_dir, name: str, face: FaceConfig, extra: dict,
+                config: dict | None = None) -> Path:
+    """Write `<name>.safetensors` (the weights as they are: the caller bakes EMA in first)
+    and its manifest entry."""
+    weights_dir = Path(weights_dir)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    path = weights_dir / f"{name}.safetensors"
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(state, str(tmp), metadata={"expert": name, "kind": model.kind})
+    os.replace(tmp, path)
+    total, trainable = model.parameter_counts()
+    entry = {
+        "file": path.name, "sha256": sha256_file(path), "kind": model.kind,
+        "expert_config": dataclasses.asdict(model.cfg), "input_size": model.image_size,
+        "normalization": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
+        "face": dataclasses.asdict(face), "parameters": total, "trainable_parameters": trainable,
+        **extra,
+    }
+    update_manifest(weights_dir, "experts", name, entry, config)
+    return path
+
+
+def verified_file(weights_dir: Path, entry: dict, what: str) -> Path:
+    path = weights_dir / entry["file"]
+    if not path.is_file():
+        raise WeightsError(f"{path}: {what} weights file is missing")
+    if sha256_file(path) != entry["sha256"]:
+        raise WeightsError(f"{path}: sha256 does not match the manifest (file changed or corrupt); "
+                           f"retrain or restore it")
+    return path
+
+
+def load_expert(weights_dir, name: str, device="cpu") -> tuple[Expert, dict]:
+    """Build the expert from its manifest entry and load its weights strictly."""
+    weights_dir = Path(weights_dir)
+    manifest = read_manifest(weights_dir)
+    entry = manifest.get("experts", {}).get(name)
+    if entry is None:
+        raise WeightsError(f"{weights_dir / MANIFEST}: no expert {name!r}; "
+                           f"available: {sorted(manifest.get('experts', {}))}")
+    path = verified_file(weights_dir, entry, f"expert {name!r}")
+    ecfg = ExpertConfig(**entry["expert_config"])
+    # The architecture only: never fetch pretrained weights to then overwrite them.
+    ecfg = dataclasses.replace(ecfg, pretrained=False, pretrained_file="")
+    model = create_expert(ecfg, entry["input_size"])
+    try:
+        state = load_file(str(path), device="cpu")
+        model.load_state_dict(state, strict=True)
+    except Exception as err:  # wrong keys or shapes, unreadable file
+        raise WeightsError(f"{path}: cannot load into {entry['kind']} expert: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), entry
+
+
+def face_config_of(entry: dict) -> FaceConfig:
+    return FaceConfig(**entry["face"])

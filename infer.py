@@ -1,0 +1,172 @@
+"""Score images and videos with the trained ensemble.
+
+    python infer.py path/to/img.jpg                 # Prediction of [path/to/img.jpg] being Deepfake: 0.123456
+    python infer.py DIR "shots/*.png" clip.mp4      # one line per input
+    python infer.py DIR --csv out.csv               # img_name,y_pred for every image (and video) in DIR
+
+Inputs: files, folders (their image and video files, sorted by name; other files are
+ignored) and glob patterns. A video is scored by sampling `--frames` frames evenly,
+face-cropping and scoring each, and aggregating (`--video-rule`).
+
+A file that cannot be read gets a warning naming it and the reason; in a CSV it still gets
+a row with y_pred 0.5 and a line in `out.csv.errors`, so one broken image never sinks a
+submission. `--strict` stops at the first such file instead.
+
+Exit status: 0 = every input scored (or, with --csv, the CSV written); 1 = some input could
+not be read (without --csv) or --strict met one; 2 = usage error or no trained weights.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+FALLBACK_SCORE = 0.5  # an unreadable file says nothing either way
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="image/video files, folders or glob patterns")
+    parser.add_argument("--csv", type=Path, help="write img_name,y_pred rows here (atomically)")
+    parser.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent / "weights")
+    parser.add_argument("--experts", help="comma-separated subset of experts (plain mean of them)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
+                        help="decode/crop worker processes (0 = in the main process)")
+    parser.add_argument("--frames", type=int, default=16, help="frames sampled per video")
+    parser.add_argument("--video-rule", default="confidence", choices=["mean", "median", "confidence", "max"])
+    parser.add_argument("--tta", help="override test-time augmentation, e.g. 'hflip' or 'none'")
+    parser.add_argument("--strict", action="store_true", help="fail on the first unreadable file")
+    return parser.parse_args(argv)
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """(files to score, error messages for inputs that match nothing)."""
+    from data_prep.images import is_image_file
+    from data_prep.video import is_video_file
+
+    def media(folder: Path):
+        return sorted((p for p in folder.iterdir() if p.is_file() and (is_image_file(p) or is_video_file(p))),
+                      key=lambda p: p.name)
+
+    files, problems = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += media(path)
+        elif path.exists():
+            files.append(path)  # named explicitly: try it whatever its extension
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            files += [m for m in matches if m.is_file() and (is_image_file(m) or is_video_file(m))]
+            if not matches:
+                problems.append(f"{item}: no file matches this pattern")
+        else:
+            problems.append(f"{item}: no such file or directory")
+    return files, problems
+
+
+def score_images(detector, paths, args, on_error) -> dict[Path, float]:
+    from ensemble.predictor import score_files
+
+    scores: dict[Path, float] = {}
+    show = args.csv is not None and len(paths) > 1
+    for indices, p, _features, failed in score_files(detector, paths, args.batch_size, args.workers, show):
+        for i, message in failed:
+            on_error(paths[i], message)
+        scores.update({paths[i]: float(s) for i, s in zip(indices, p)})
+    return scores
+
+
+def score_video(detector, path: Path, args) -> float:
+    import torch
+
+    from data_prep.video import aggregate_frame_scores, sample_frames
+
+    frames = sample_frames(path, args.frames)
+    batch: dict[int, list] = {}
+    for _index, rgb in frames:
+        for size, tensor in detector.prepare(rgb).items():
+            batch.setdefault(size, []).append(tensor)
+    p, _ = detector.score_crops({s: torch.stack(t) for s, t in batch.items()})
+    return aggregate_frame_scores(p.tolist(), args.video_rule)
+
+
+def write_csv_atomically(path: Path, rows: list[tuple[str, float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write("img_name,y_pred\n")
+        f.writelines(f"{name},{score:.6f}\n" for name, score in rows)
+    os.replace(tmp, path)
+
+
+class StrictStop(Exception):
+    pass
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from data_prep.video import VideoDecodeError, is_video_file
+    from ensemble.predictor import Detector
+    from experts.weights import WeightsError
+
+    try:
+        tta = None if args.tta is None else [t for t in args.tta.split(",") if t and t != "none"]
+        detector = Detector.from_weights(args.weights, args.experts.split(",") if args.experts else None,
+                                         args.device, tta)
+    except WeightsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    files, problems = expand_inputs(args.inputs)
+    for message in problems:
+        print(f"warning: {message}", file=sys.stderr)
+    errors: dict[Path, str] = {}
+
+    def on_error(path: Path, message: str):
+        errors[path] = message
+        print(f"warning: {message}", file=sys.stderr)
+        if args.strict:
+            raise StrictStop(message)
+
+    try:
+        images = [p for p in files if not is_video_file(p)]
+        scores = score_images(detector, images, args, on_error) if images else {}
+        for video in (p for p in files if is_video_file(p)):
+            try:
+                scores[video] = score_video(detector, video, args)
+            except VideoDecodeError as err:
+                on_error(video, str(err))
+    except StrictStop:
+        print("error: stopped (--strict); no CSV written", file=sys.stderr)
+        return 1
+
+    if args.csv is None:
+        for path in files:
+            if path in scores:
+                print(f"Prediction of [{path}] being Deepfake: {scores[path]:.6f}")
+        return 1 if errors or problems or not files else 0
+
+    rows = [(p.name, scores.get(p, FALLBACK_SCORE)) for p in files]
+    rows.sort(key=lambda r: r[0])
+    write_csv_atomically(args.csv, rows)
+    error_file = args.csv.with_name(args.csv.name + ".errors")
+    if errors:
+        error_file.write_text("".join(f"{m.splitlines()[0]}\n" for m in errors.values()))
+    elif error_file.exists():
+        error_file.unlink()  # a stale list from an earlier run would mislead
+    print(f"wrote {len(rows)} rows to {args.csv}" +
+          (f" ({len(errors)} unreadable, listed in {error_file}, scored {FALLBACK_SCORE})" if errors else ""),
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+import json
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.metrics import roc_auc_score
+
+from ensemble.stacking import (
+    LeakageError,
+    StackingEnsemble,
+    assemble_oof_matrix,
+    check_out_of_fold,
+)
+
+METHODS = ["mean", "rank_mean", "logreg", "lgbm"]
+
+
+def synthetic_expert_scores(n, seed, n_noise):
+    """Column 0 is an informative expert P(fake); the other n_noise columns are uniform noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    informative = 1 / (1 + np.exp(-(6.0 * (y - 0.5) + rng.normal(0, 1, n))))
+    X = np.column_stack([informative] + [rng.random(n) for _ in range(n_noise)])
+    return X, y
+
+
+def make_train_test(n_noise):
+    X_train, y_train = synthetic_expert_scores(300, seed=0, n_noise=n_noise)
+    X_test, y_test = synthetic_expert_scores(200, seed=1, n_noise=n_noise)
+    return X_train, y_train, X_test, y_test
+
+
+@pytest.fixture(scope="module")
+def train_test():
+    """One informative column and two noise columns."""
+    return make_train_test(n_noise=2)
+
+
+@pytest.fixture(scope="module")
+def one_noise_column():
+    # The unweighted combiners (mean, rank_mean) give every column equal say,
+    # so with two noise columns out of three they cannot reach AUC 0.8.
+    return make_train_test(n_noise=1)
+
+
+# -- fitting and prediction ------------------------------------------------------
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_beats_chance_on_held_out_data(one_noise_column, method):
+    X_train, y_train, X_test, y_test = one_noise_column
+    model = StackingEnsemble(method=method).fit(X_train, y_train)
+    proba = model.predict_proba(X_test)
+    assert proba.shape == (len(X_test), 2)
+    assert np.allclose(proba.sum(axis=1), 1.0)
+    assert np.all((proba >= 0) & (proba <= 1))
+    assert roc_auc_score(y_test, proba[:, 1]) > 0.8
+    assert model.method_ == method
+    assert list(model.cv_auc_) == [method]
+
+
+def test_auto_picks_a_method_and_records_cv_auc(train_test):
+    X_train, y_train, X_test, y_test = train_test
+    model = StackingEnsemble(method="auto", cv=5).fit(X_train, y_train)
+    assert set(model.cv_auc_) == set(METHODS)
+    assert model.method_ in ("logreg", "lgbm")  # the learned combiners can ignore noise
+    assert model.cv_auc_[model.method_] == max(model.cv_auc_.values())
+    assert roc_auc_score(y_test, model.predict_proba(X_test)[:, 1]) > 0.8
+    assert set(model.predict(X_test)) <= {0, 1}
+
+
+def test_feature_names_param_is_stored(train_test):
+    X_train, y_train, _, _ = train_test
+    model = StackingEnsemble(method="mean", feature_names=["xception", "clip", "tta_spread"])
+    assert model.fit(X_train, y_train).feature_names_in_ == ["xception", "clip", "tta_spread"]
+    assert StackingEnsemble(method="mean").fit(X_train, y_train).feature_names_in_ is None
+
+
+def test_is_a_well_behaved_sklearn_estimator(train_test):
+    X_train, y_train, _, _ = train_test
+    model = StackingEnsemble(method="logreg", cv=3)
+    copy = clone(model)
+    assert copy.get_params()["cv"] == 3
+    assert 0.5 < copy.fit(X_train, y_train).score(X_train, y_train) <= 1.0
+
+
+def test_rejects_bad_input(train_test):
+    X_train, y_train, _, _ = train_test
+    with pytest.raises(ValueError, match="unknown method"):
+        StackingEnsemble(method="vote").fit(X_train, y_train)
+    with pytest.raises(ValueError, match="both labels"):
+        StackingEnsemble().fit(X_train, np.ones(len(X_train)))
+    model = StackingEnsemble(method="mean").fit(X_train, y_train)
+    with pytest.raises(ValueError, match="columns"):
+        model.predict_proba(X_train[:, :2])
+
+
+def test_rank_mean_scores_a_single_row(train_test):
+    X_train, y_train, X_test, _ = train_test
+    model = StackingEnsemble(method="rank_mean").fit(X_train, y_train)
+    one_row = model.predict_proba(X_test[:1])
+    assert one_row.shape == (1, 2)
+    assert one_row == pytest.approx(model.predict_proba(X_test)[:1])
+    # A row above every training score ranks at the top.
+    assert model.predict_proba(np.full((1, 3), 2.0))[0, 1] == 1.0
+
+
+# -- JSON serialisation -------------------------------------------------------------
+
+@pytest.mark.parametrize("method", METHODS + ["auto"])
+def test_state_round_trip_through_json_is_exact(train_test, method):
+    X_train, y_train, X_test, _ = train_test
+    model = StackingEnsemble(method=method, feature_names=["a", "b", "c"]).fit(X_train, y_train)
+    text = json.dumps(model.to_state())
+    restored = StackingEnsemble.from_state(json.loads(text))
+    assert np.array_equal(restored.predict_proba(X_test), model.predict_proba(X_test))
+    assert restored.method_ == model.method_
+    assert restored.cv_auc_ == model.cv_auc_
+    assert restored.feature_names_in_ == ["a", "b", "c"]
+    assert restored.get_params() == model.get_params()
+
+
+def test_from_state_rejects_foreign_state():
+    with pytest.raises(ValueError, match="format"):
+        StackingEnsemble.from_state({"params": {}})
+
+
+# -- out-of-fold guard ----------------------------------------------------------------
+
+def test_check_out_of_fold_accepts_clean_ids():
+    check_out_of_fold(
+        score_ids={"xception": {"v3", "v4"}, "clip": ["v1", "v2"]},
+        trained_ids={"xception": {"v1", "v2"}, "clip": set()},
+    )
+
+
+def test_check_out_of_fold_names_expert_and_leaked_ids():
+    with pytest.raises(LeakageError, match="xception") as error:
+        check_out_of_fold(
+            score_ids={"clip": {"v3"}, "xception": {"v2", "v3", "v4"}},
+            trained_ids={"clip": {"v1"}, "xception": {"v1", "v2"}},
+        )
+    assert "v2" in str(error.value)
+    assert "v3" not in str(error.value)
+
+
+def test_check_out_of_fold_lists_at_most_five_ids():
+    leaked = [f"id{i:02d}" for i in range(20)]
+    with pytest.raises(LeakageError, match="20 sample") as error:
+        check_out_of_fold({"e": leaked}, {"e": leaked})
+    assert "id04" in str(error.value) and "id05" not in str(error.value)
+
+
+def test_check_out_of_fold_refuses_expert_without_training_record():
+    with pytest.raises(LeakageError, match="no training ids"):
+        check_out_of_fold({"e": ["a"]}, {})
+
+
+def test_assemble_oof_matrix_builds_columns_in_expert_order():
+    scores = {"a": {"x": 0.1, "y": 0.2, "z": 0.3}, "b": {"x": 0.9, "y": 0.8, "z": 0.7}}
+    matrix = assemble_oof_matrix(scores, {"a": {"t1"}, "b": set()}, ids=["z", "x"])
+    assert matrix.shape == (2, 2)
+    assert np.array_equal(matrix, [[0.3, 0.7], [0.1, 0.9]])
+
+
+def test_assemble_oof_matrix_refuses_leaked_input():
+    scores = {"a": {"x": 0.1, "y": 0.2}, "b": {"x": 0.9, "y": 0.8}}
+    with pytest.raises(LeakageError, match="'b'"):
+        assemble_oof_matrix(scores, {"a": set(), "b": {"y"}}, ids=["x", "y"])
+
+
+def test_assemble_oof_matrix_reports_missing_scores():
+    with pytest.raises(ValueError, match="no score"):
+        assemble_oof_matrix({"a": {"x": 0.1}}, {"a": set()}, ids=["x", "y"])
