@@ -18,6 +18,7 @@ not be read (without --csv) or --strict met one; 2 = usage error or no trained w
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import os
 import sys
@@ -101,9 +102,10 @@ def score_video(detector, path: Path, args) -> float:
 def write_csv_atomically(path: Path, rows: list[tuple[str, float]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write("img_name,y_pred\n")
-        f.writelines(f"{name},{score:.6f}\n" for name, score in rows)
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")  # quotes a name holding a comma or quote
+        writer.writerow(["img_name", "y_pred"])
+        writer.writerows((name, f"{score:.6f}") for name, score in rows)
     os.replace(tmp, path)
 
 

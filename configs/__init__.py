@@ -150,6 +150,8 @@ def _cast(value, typ, key: str):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
         return bool(value)
     if typ in (int, float, str):
+        if isinstance(value, (list, dict)):
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
         try:
             if typ is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -172,7 +174,11 @@ def _merge(obj, updates: dict, prefix: str = ""):
                 raise ConfigError(f"{path}: expected a mapping")
             _merge(current, value, path + ".")
         elif typing.get_origin(typ) is dict:  # the expert table: name -> ExpertConfig
+            if not isinstance(value or {}, dict):
+                raise ConfigError(f"{path}: expected a mapping of expert name -> settings, got {value!r}")
             for name, sub in (value or {}).items():
+                if not isinstance(sub or {}, dict):
+                    raise ConfigError(f"{path}.{name}: expected a mapping of settings, got {sub!r}")
                 entry = current.setdefault(name, ExpertConfig())
                 _merge(entry, sub or {}, f"{path}.{name}.")
         else:

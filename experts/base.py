@@ -109,8 +109,8 @@ class BackboneClassifier(Expert):
     """timm backbone -> pooled features -> linear/MLP head (2 logits), plus a projection
     head whose L2-normalised output feeds the supervised contrastive loss."""
 
-    def __init__(self, cfg: ExpertConfig, image_size: int):
-        backbone = create_backbone(cfg, drop_rate=cfg.drop_rate)
+    def __init__(self, cfg: ExpertConfig, image_size: int, **backbone_kwargs):
+        backbone = create_backbone(cfg, drop_rate=cfg.drop_rate, **backbone_kwargs)
         data_cfg = backbone.pretrained_cfg or {}
         super().__init__(cfg, image_size, data_cfg.get("mean", (0.485, 0.456, 0.406)),
                          data_cfg.get("std", (0.229, 0.224, 0.225)))

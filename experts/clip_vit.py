@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @register_expert("clip")
 class ClipViTExpert(BackboneClassifier):
     def __init__(self, cfg: ExpertConfig, image_size: int):
-        super().__init__(cfg, image_size)  # mean/std: CLIP's own, from timm's pretrained_cfg
+        super().__init__(cfg, image_size, img_size=image_size)  # mean/std: CLIP's own, from timm's pretrained_cfg
         if cfg.trainable == "layernorm_head":
             for name, param in self.backbone.named_parameters():
                 param.requires_grad = is_layernorm_param(self.backbone, name)
@@ -41,5 +41,5 @@ class ClipViTExpert(BackboneClassifier):
 
 
 def is_layernorm_param(model: nn.Module, param_name: str) -> bool:
-    module_name = param_name.rsplit(".", 1)[0]
+    module_name = param_name.rpartition(".")[0]  # "" = the model itself (cls_token, pos_embed)
     return isinstance(model.get_submodule(module_name), nn.LayerNorm)

@@ -262,7 +262,7 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime) -> dict:
     epochs = ecfg.epochs or cfg.train.epochs
     lr = ecfg.lr or cfg.train.lr
     run_dir = Path(cfg.run_dir) / name
-    show = rt.is_main and sys.stderr.isatty() or os.environ.get("FORCE_TQDM") == "1"
+    show = rt.is_main and (sys.stderr.isatty() or os.environ.get("FORCE_TQDM") == "1")
     seed_everything(cfg.seed)
 
     crops = FaceCropCache(cfg.face, cfg.data.cache_dir)
@@ -325,6 +325,7 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime) -> dict:
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         expert.train()
+        optimizer.zero_grad(set_to_none=True)  # a partial accumulation must not leak into this epoch
         epoch_start, sums, n_batches, n_images = time.time(), {}, 0, 0
         bar = tqdm(train_loader, desc=f"{name} {epoch + 1}/{epochs}", disable=not show, leave=False)
         for step, (x, y) in enumerate(bar):
@@ -432,7 +433,7 @@ def main(argv=None) -> int:
     crops = FaceCropCache(cfg.face, cfg.data.cache_dir)
     for split in ("trainset", "valset"):
         if rt.is_main:
-            splits[split] = cache_face_crops(splits[split], crops, cfg.data.num_workers, show=True)
+            splits[split] = cache_face_crops(splits[split], crops, cfg.data.num_workers, sys.stderr.isatty())
     if rt.world > 1:  # the other ranks read the crops rank 0 just cached
         dist.barrier()
         if not rt.is_main:

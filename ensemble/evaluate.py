@@ -1,0 +1,471 @@
+"""Evaluate the trained detector on a labelled split (and optionally a labelled video folder).
+
+    python -m ensemble.evaluate DATA_ROOT [--split valset|testset] [--weights DIR] [--reports DIR]
+                               [--videos VIDEO_DIR] [--frames 16] [--gradcam N] [--no-plots]
+                               [profile=cpu] [key=value ...]
+
+Scores every image of the split with every expert of the full ensemble (the stacker's experts
+when the manifest has one), then reports, for each expert, for the ensemble (the fitted
+stacker, or the plain mean without one) and for two baselines (plain mean and rank mean of
+the expert scores): AUC, AP, EER, accuracy, TPR at 1 % / 5 % FPR, ECE and Brier score.
+
+Decision threshold: chosen per model on the validation split (Youden's J, see
+`ensemble.metrics.choose_threshold`) and applied unchanged to the evaluated split, so test
+accuracy is honest. With `--split valset` threshold and stacker were both fitted on the
+evaluated images: those numbers are optimistic (metrics.json says so).
+
+The rank-mean baseline ranks every expert score among that expert's validation scores, so a
+single image gets the same score whatever else is evaluated with it.
+
+Outputs in `--reports` (default cfg.reports):
+  metrics.json   split, image counts, unreadable files, per-model metrics, stacker method,
+                 thresholds, and (with --videos) frame- and video-level metrics
+  metrics.md     the same as markdown tables (also printed)
+  scores.csv     per-image label and scores of every model
+  roc.png, score_hist.png, reliability.png, tsne.png, gradcam.png (unless --no-plots); a plot
+                 that fails is logged in one line and listed under "plot_errors"; metrics stay.
+
+`--videos DIR` needs DIR/labels.csv (`video_name,target`): `--frames` frames are sampled per
+video and scored; frame-level metrics label each frame with its video's label; video-level
+metrics aggregate the frame scores with the rules `mean` and `confidence`.
+
+Exit status: 0 = done; 2 = usage error, unreadable data layout, testset without labels, or
+no usable weights.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from configs import Config, ConfigError
+from data_prep.dataset import DataLayoutError, Sample, list_images, load_splits, read_test_labels
+from ensemble.metrics import choose_threshold, evaluate_scores, markdown_table
+
+log = logging.getLogger("ensemble.evaluate")
+
+SPLIT_CHOICES = ("valset", "testset")
+VIDEO_RULES = ("mean", "confidence")
+TSNE_MAX_IMAGES = 1000
+ENSEMBLE = "ensemble"
+BASELINES = ("mean", "rank_mean")
+PLOT_FILES = {"roc": "roc.png", "score_hist": "score_hist.png", "reliability": "reliability.png",
+              "tsne": "tsne.png", "gradcam": "gradcam.png"}
+
+
+class EvaluationError(Exception):
+    """Evaluation cannot run; the message says why in one line."""
+
+
+# ----------------------------------------------------------------------------- data
+
+def labelled_samples(cfg: Config, split: str) -> tuple[list[Sample], list[Sample]]:
+    """(samples of `split` with labels, validation samples). Raises EvaluationError when
+    the testset has no labels."""
+    if split not in SPLIT_CHOICES:
+        raise EvaluationError(f"--split must be one of {SPLIT_CHOICES}, got {split!r}")
+    root = Path(cfg.data_root)
+    splits = load_splits(root, seed=cfg.seed)
+    val = splits["valset"]
+    if split == "valset":
+        return val, val
+    if not (root / "testset").is_dir():
+        raise EvaluationError(f"{root / 'testset'}: no testset folder to evaluate (try --split valset)")
+    labels = read_test_labels(root)
+    if labels is None:
+        raise EvaluationError(f"{root / 'testset_label.txt'}: the testset has no labels, so it cannot be "
+                              f"evaluated (try --split valset)")
+    images = {p.name: p for p in list_images(root / "testset")}
+    unlabelled = sorted(set(images) - set(labels))
+    if unlabelled:
+        raise EvaluationError(f"{root / 'testset'}: {len(unlabelled)} image(s) without a row in "
+                              f"testset_label.txt, e.g. {unlabelled[:3]}")
+    missing = sorted(set(labels) - set(images))
+    if missing:
+        raise EvaluationError(f"{root / 'testset_label.txt'}: {len(missing)} labelled image(s) not in "
+                              f"testset/, e.g. {missing[:3]}")
+    if not labels:
+        raise EvaluationError(f"{root / 'testset'}: no images to evaluate")
+    return [Sample(images[n], labels[n]) for n in sorted(labels)], val
+
+
+# ----------------------------------------------------------------------------- scores
+
+def rank_against(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Mid-rank of each value among the sorted reference scores, in [0, 1]."""
+    reference = np.sort(reference)
+    below = np.searchsorted(reference, values, side="left")
+    below_or_equal = np.searchsorted(reference, values, side="right")
+    return (below + below_or_equal) / (2.0 * len(reference))
+
+
+def model_scores(detector, features: np.ndarray, reference: np.ndarray) -> dict[str, np.ndarray]:
+    """name -> P(fake) for every expert, the ensemble and the baselines, from the feature
+    matrix (rows = samples). `reference`: validation features (for the rank mean)."""
+    n_experts = len(detector.experts)
+    experts = features[:, :n_experts]
+    scores = {name: experts[:, j] for j, name in enumerate(detector.experts)}
+    scores[ENSEMBLE] = np.asarray(detector.combine(features), dtype=float) if len(features) else np.zeros(0)
+    scores["mean"] = experts.mean(axis=1)
+    scores["rank_mean"] = np.mean([rank_against(reference[:, j], experts[:, j]) for j in range(n_experts)],
+                                  axis=0) if len(features) else np.zeros(0)
+    return scores
+
+
+def score_split(detector, samples: list[Sample], cfg: Config, what: str):
+    """(kept indices, labels of kept, features of kept, [{file, error}]) for one split."""
+    from ensemble.predictor import score_samples
+
+    _, features, errors = score_samples(detector, [s.path for s in samples], cfg.train.batch_size,
+                                        cfg.data.num_workers, progress=sys.stderr.isatty())
+    keep = np.array([i for i in range(len(samples)) if i not in errors], dtype=int)
+    unreadable = [{"file": samples[i].name, "error": str(errors[i]).splitlines()[0]} for i in sorted(errors)]
+    if unreadable:
+        log.warning("%s: %d of %d images could not be read and are excluded from the metrics",
+                    what, len(unreadable), len(samples))
+    if len(keep) == 0:
+        raise EvaluationError(f"{what}: none of the {len(samples)} images could be read")
+    y = np.array([samples[i].target for i in keep], dtype=int)
+    return keep, y, features[keep], unreadable
+
+
+def thresholds_from(y_val: np.ndarray, val_scores: dict[str, np.ndarray]) -> dict[str, float]:
+    thresholds = {}
+    for name, p in val_scores.items():
+        try:
+            thresholds[name] = choose_threshold(y_val, p)
+        except ValueError as err:  # e.g. unreadable files left one class only
+            log.warning("%s: no validation threshold (%s); using 0.5", name, err)
+            thresholds[name] = 0.5
+    return thresholds
+
+
+def metrics_table(y: np.ndarray, scores: dict[str, np.ndarray], thresholds: dict[str, float]) -> dict:
+    return {name: evaluate_scores(y, p, thresholds[name]) for name, p in scores.items()}
+
+
+# ----------------------------------------------------------------------------- video
+
+def evaluate_videos(detector, video_dir, thresholds: dict[str, float], reference: np.ndarray,
+                    n_frames: int) -> dict:
+    from data_prep.video import (VideoDecodeError, aggregate_frame_scores, read_video_labels,
+                                 sample_frames)
+
+    video_dir = Path(video_dir)
+    rows = read_video_labels(video_dir)  # VideoLabelError: missing or malformed labels.csv
+    if not rows:
+        raise EvaluationError(f"{video_dir / 'labels.csv'}: lists no videos")
+    frame_scores: dict[str, list] = {}
+    frame_labels, per_video, unreadable = [], [], []
+    for name, target in rows:
+        try:
+            frames = sample_frames(video_dir / name, n_frames)
+        except VideoDecodeError as err:
+            log.warning("skipped %s", err)
+            unreadable.append({"file": name, "error": str(err)})
+            continue
+        batch: dict[int, list] = {}
+        for _index, rgb in frames:
+            for size, tensor in detector.prepare(rgb).items():
+                batch.setdefault(size, []).append(tensor)
+        features = detector.expert_features({s: torch.stack(t) for s, t in batch.items()})
+        scores = model_scores(detector, features, reference)
+        for model, p in scores.items():
+            frame_scores.setdefault(model, []).append(np.clip(p, 0.0, 1.0))
+        frame_labels += [target] * len(frames)
+        per_video.append({"video": name, "target": target, "n_frames": len(frames),
+                          **{f"p_{rule}": aggregate_frame_scores(np.clip(scores[ENSEMBLE], 0, 1), rule)
+                             for rule in VIDEO_RULES},
+                          "_scores": scores})
+    if unreadable:
+        log.warning("%d of %d videos could not be read and are excluded from the metrics",
+                    len(unreadable), len(rows))
+    if not per_video:
+        raise EvaluationError(f"{video_dir}: none of the {len(rows)} videos could be read")
+
+    y_frames = np.array(frame_labels, dtype=int)
+    frame_level = metrics_table(y_frames, {m: np.concatenate(v) for m, v in frame_scores.items()}, thresholds)
+    y_videos = np.array([v["target"] for v in per_video], dtype=int)
+    video_level = {}
+    for rule in VIDEO_RULES:
+        aggregated = {m: np.array([aggregate_frame_scores(np.clip(v["_scores"][m], 0, 1), rule)
+                                   for v in per_video]) for m in frame_scores}
+        video_level[rule] = metrics_table(y_videos, aggregated, thresholds)
+    for v in per_video:
+        del v["_scores"]
+    return {"dir": str(video_dir), "n_videos": len(per_video), "n_fake_videos": int(y_videos.sum()),
+            "n_frames": int(len(y_frames)), "frames_per_video": n_frames, "unreadable": unreadable,
+            "threshold_note": "per-model image thresholds from the validation split",
+            "frame_level": frame_level, "video_level": video_level, "videos": per_video}
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _first_expert(detector, has):
+    for name, model in detector.experts.items():
+        if has(model):
+            return name, model
+    return None, None
+
+
+def _implements_embed(model) -> bool:
+    from experts.base import Expert
+    return type(model).embed is not Expert.embed
+
+
+def _load_crops(detector, paths: list[Path], size: int):
+    """[(display crop HxWx3 uint8, uint8 tensor (3, size, size))] for readable paths."""
+    from data_prep.faces import crop_face
+    from data_prep.images import decode_image
+    from data_prep.transforms import resize_square, to_tensor
+
+    out = []
+    for path in paths:
+        crop = crop_face(decode_image(path), detector.face)[0]
+        out.append((crop, to_tensor(resize_square(crop, size))))
+    return out
+
+
+@torch.no_grad()
+def plot_tsne(detector, paths: list[Path], y: np.ndarray, path: Path, seed: int, batch_size: int):
+    from ensemble.plots import plot_embedding_tsne
+
+    name, model = _first_expert(detector, _implements_embed)
+    if model is None:
+        raise EvaluationError("no expert implements embed()")
+    chosen = np.arange(len(paths))
+    if len(chosen) > TSNE_MAX_IMAGES:
+        chosen = np.sort(np.random.default_rng(seed).choice(len(paths), TSNE_MAX_IMAGES, replace=False))
+    embeddings = []
+    for start in range(0, len(chosen), batch_size):
+        crops = _load_crops(detector, [paths[i] for i in chosen[start:start + batch_size]], model.image_size)
+        x = torch.stack([t for _, t in crops]).to(detector.device).float().div_(255)
+        embeddings.append(model.embed(x).float().flatten(1).cpu().numpy())
+    labels = np.where(y[chosen] == 1, "1 fake", "0 real")  # sorted: real first, as in the other plots
+    result = plot_embedding_tsne(np.concatenate(embeddings), labels, path,
+                                 title=f"t-SNE of {name} embeddings ({len(chosen)} images)")
+    if result is None:
+        raise EvaluationError(f"too few images for t-SNE ({len(chosen)})")
+    return result
+
+
+def plot_gradcam(detector, paths: list[Path], y: np.ndarray, p: np.ndarray, path: Path, n: int, seed: int):
+    from ensemble.gradcam import grad_cam
+    from ensemble.plots import plot_heatmaps
+
+    name, model = _first_expert(detector, lambda m: m.gradcam_layer() is not None)
+    if model is None:
+        raise EvaluationError("no expert has a gradcam_layer()")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for target in (0, 1):
+        pool = np.flatnonzero(y == target)
+        chosen += sorted(rng.choice(pool, min(n, len(pool)), replace=False).tolist())
+    if not chosen:
+        raise EvaluationError("no images for Grad-CAM")
+    crops = _load_crops(detector, [paths[i] for i in chosen], model.image_size)
+    x = torch.stack([t for _, t in crops]).to(detector.device).float().div_(255)
+    prefix = getattr(model, "num_prefix_tokens", None)
+    if prefix is None:
+        prefix = getattr(getattr(model, "backbone", None), "num_prefix_tokens", 0)
+    heatmaps = grad_cam(model, model.gradcam_layer(), x, class_index=1, num_prefix_tokens=int(prefix))
+    titles = [f"{name}: {'fake' if y[i] else 'real'}, ensemble p={p[i]:.2f}" for i in chosen]
+    figure_path = plot_heatmaps([c for c, _ in crops], list(heatmaps), titles, path)
+    log.info("Grad-CAM of expert %s (%s)", name, type(model.gradcam_layer()).__name__)
+    return figure_path
+
+
+def make_plots(detector, reports: Path, paths, y, scores, n_gradcam: int, cfg: Config) -> tuple[dict, dict]:
+    from ensemble import plots
+
+    curves = {name: scores[name] for name in [*detector.experts, ENSEMBLE]}
+    jobs = {
+        "roc": lambda f: plots.plot_roc({k: (y, v) for k, v in curves.items()}, f),
+        "score_hist": lambda f: plots.plot_score_histograms(y, curves, f),
+        "reliability": lambda f: plots.plot_reliability(y, {k: np.clip(v, 0, 1) for k, v in curves.items()}, f),
+        "tsne": lambda f: plot_tsne(detector, paths, y, f, cfg.seed, cfg.train.batch_size),
+    }
+    if n_gradcam > 0:
+        jobs["gradcam"] = lambda f: plot_gradcam(detector, paths, y, scores[ENSEMBLE], f, n_gradcam, cfg.seed)
+    made, failed = {}, {}
+    for key, job in jobs.items():
+        target = reports / PLOT_FILES[key]
+        try:
+            job(target)
+            made[key] = target.name
+        except Exception as err:  # a plot is never worth the metrics
+            message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            log.warning("plot %s failed: %s", target.name, message)
+            failed[key] = message
+    return made, failed
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(float(value)) else float(value)
+    return value
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_scores_csv(path: Path, names, y, scores: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["img_name", "target", *scores])
+        for i, name in enumerate(names):
+            writer.writerow([name, int(y[i]), *(f"{float(p[i]):.6f}" for p in scores.values())])
+    os.replace(tmp, path)
+
+
+def markdown_report(result: dict) -> str:
+    lines = [f"# Evaluation: {result['split']} ({result['n_scored']} of {result['n_images']} images scored)",
+             "",
+             f"Ensemble: {result['stacker']['method']}; experts: {', '.join(result['experts'])}. "
+             f"Accuracy at each model's threshold chosen on {result['threshold_split']}.",
+             ""]
+    if result["note"]:
+        lines += [f"Note: {result['note']}", ""]
+    if result["unreadable"]:
+        lines += [f"Unreadable (excluded): {len(result['unreadable'])} file(s), listed in metrics.json.", ""]
+    lines.append(markdown_table(result["models"]))
+    video = result.get("video")
+    if video:
+        lines += ["", f"## Videos: frame level ({video['n_frames']} frames of {video['n_videos']} videos)", "",
+                  markdown_table(video["frame_level"])]
+        for rule, table in video["video_level"].items():
+            lines += ["", f"## Videos: video level, rule `{rule}` ({video['n_videos']} videos)", "",
+                      markdown_table(table)]
+        if video["unreadable"]:
+            lines += ["", f"Unreadable videos (excluded): {len(video['unreadable'])}."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, videos=None,
+             gradcam: int = 4, plots: bool = True, frames: int = 16) -> dict:
+    """Evaluate the detector in `weights` (default cfg.out) on `split` of cfg.data_root; write
+    metrics.json, metrics.md, scores.csv and the plots to `reports` (default cfg.reports);
+    return what metrics.json holds."""
+    from ensemble.predictor import Detector
+
+    if not cfg.data_root:
+        raise EvaluationError("no data root: python -m ensemble.evaluate DATA_ROOT [options]")
+    if videos is not None and not Path(videos).is_dir():
+        raise EvaluationError(f"{videos}: --videos is not a directory")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    weights = Path(weights or cfg.out)
+    reports = Path(reports or cfg.reports)
+    samples, val_samples = labelled_samples(cfg, split)
+
+    detector = Detector.from_weights(weights, device=cfg.device)
+    keep, y, features, unreadable = score_split(detector, samples, cfg, split)
+    if split == "valset":
+        y_val, val_features, val_unreadable = y, features, unreadable
+    else:
+        _, y_val, val_features, val_unreadable = score_split(detector, val_samples, cfg, "valset")
+
+    val_scores = model_scores(detector, val_features, val_features)
+    scores = model_scores(detector, features, val_features)
+    thresholds = thresholds_from(y_val, val_scores)
+    models = metrics_table(y, scores, thresholds)
+
+    stacker = detector.stacker
+    method = stacker.method_ if stacker is not None else "mean (no stacker fitted)"
+    note = ""
+    if split == "valset":
+        note = ("thresholds" + (" and the stacker were" if stacker is not None else " were") +
+                " fitted on this same split: these numbers are optimistic")
+    result = {
+        "split": split, "data_root": str(cfg.data_root), "weights": str(weights),
+        "n_images": len(samples), "n_scored": int(len(keep)), "n_fake": int(y.sum()),
+        "unreadable": unreadable, "threshold_split": "valset",
+        "n_valset_scored": int(len(y_val)), "unreadable_valset": val_unreadable if split != "valset" else [],
+        "experts": list(detector.experts), "baselines": list(BASELINES), "ensemble_name": ENSEMBLE,
+        "tta": list(detector.tta),
+        "stacker": {"method": method, "cv_auc": dict(getattr(stacker, "cv_auc_", {}) or {})},
+        "thresholds": thresholds, "note": note, "models": models,
+    }
+    if videos is not None:
+        result["video"] = evaluate_videos(detector, videos, thresholds, val_features, frames)
+
+    names = [samples[i].name for i in keep]
+    write_scores_csv(reports / "scores.csv", names, y, scores)
+    _write_atomically(reports / "metrics.json", json.dumps(_json_safe(result), indent=2))
+    _write_atomically(reports / "metrics.md", markdown_report(result))
+    if plots:  # after the metrics are safely on disk
+        made, failed = make_plots(detector, reports, [samples[i].path for i in keep], y, scores, gradcam, cfg)
+        result["plots"], result["plot_errors"] = made, failed
+        _write_atomically(reports / "metrics.json", json.dumps(_json_safe(result), indent=2))
+    return result
+
+
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="python -m ensemble.evaluate",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rest", nargs="*", metavar="DATA_ROOT [profile=P] [key=value ...]",
+                        help="data root, then config overrides as for ensemble.fit")
+    parser.add_argument("--split", default="testset", choices=SPLIT_CHOICES)
+    parser.add_argument("--weights", help="trained weights folder (default: cfg.out)")
+    parser.add_argument("--reports", help="output folder (default: cfg.reports)")
+    parser.add_argument("--videos", help="labelled video folder (labels.csv: video_name,target)")
+    parser.add_argument("--frames", type=int, default=16, help="frames sampled per video")
+    parser.add_argument("--gradcam", type=int, default=4, metavar="N",
+                        help="Grad-CAM for N real and N fake images (0 = none)")
+    parser.add_argument("--no-plots", action="store_true", help="metrics only")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    from data_prep.video import VideoLabelError
+    from ensemble.fit import config_from_argv
+    from experts.weights import WeightsError
+
+    try:
+        positional = [a for a in args.rest if "=" not in a]
+        if len(positional) > 1:
+            raise EvaluationError(f"one DATA_ROOT expected, got {positional}")
+        if args.frames < 1 or args.gradcam < 0:
+            raise EvaluationError("--frames must be >= 1 and --gradcam >= 0")
+        cfg, _ = config_from_argv(args.rest)
+        result = evaluate(cfg, args.split, args.weights, args.reports, args.videos,
+                          args.gradcam, not args.no_plots, args.frames)
+    except (EvaluationError, WeightsError, DataLayoutError, VideoLabelError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(markdown_report(result), end="")
+    reports = Path(args.reports or cfg.reports)
+    print(f"wrote {reports / 'metrics.json'}, {reports / 'metrics.md'}"
+          + (f" and {len(result.get('plots', {}))} plot(s)" if "plots" in result else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

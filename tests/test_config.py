@@ -1,0 +1,198 @@
+"""Typed config: defaults <- profile YAML <- key=value overrides, every error named."""
+import dataclasses
+
+import pytest
+
+from configs import CONFIG_DIR, Config, ConfigError, ExpertConfig, from_dict, load_config, to_dict
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_profiles_load_with_typed_values(profile):
+    cfg = load_config(profile)
+    assert isinstance(cfg, Config)
+    assert cfg.profile == profile
+    assert cfg.experts and all(name in cfg.expert for name in cfg.experts)
+    for name, ecfg in cfg.expert.items():
+        assert isinstance(ecfg, ExpertConfig), name
+        assert isinstance(ecfg.lr, float) and isinstance(ecfg.pretrained, bool)
+    assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.epochs, int)
+    assert isinstance(cfg.data.image_size, int)
+
+
+def test_cpu_profile_values_and_defaults():
+    cfg = load_config("cpu")
+    assert cfg.experts == ["convnext"]
+    assert cfg.train.lr == pytest.approx(0.002)
+    assert cfg.train.amp == "off"
+    assert cfg.face.crop_size == 160
+    assert cfg.expert["clip"].trainable == "all"
+    # Not in the YAML: the dataclass default
+    assert cfg.train.weight_decay == pytest.approx(0.05)
+    assert cfg.face.margin == pytest.approx(0.3)
+
+
+def test_gpu_profile_values():
+    cfg = load_config("gpu")
+    assert cfg.experts == ["convnext", "clip", "efficientnet", "dae"]
+    assert cfg.expert["clip"].trainable == "layernorm_head"
+    assert cfg.expert["clip"].head_layers == 2
+    assert cfg.expert["efficientnet"].image_size == 256
+    assert cfg.train.tta == ["hflip"]
+    assert cfg.train.channels_last is True
+
+
+def test_profile_as_yaml_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  epochs: 4\nexperts: [a]\nexpert:\n  a:\n    kind: convnext\n")
+    cfg = load_config(str(path))
+    assert cfg.profile == "mine"
+    assert cfg.train.epochs == 4 and cfg.experts == ["a"]
+    assert cfg.expert["a"].kind == "convnext"
+    assert cfg.expert["a"].model == ExpertConfig().model  # default of the new section
+
+
+def test_int_float_str_overrides_are_cast():
+    cfg = load_config("cpu", ["train.epochs=3", "train.lr=1e-3", "train.weight_decay=0.5",
+                              "seed=7", "out=123", "face.margin=1"])
+    assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
+    assert cfg.train.lr == pytest.approx(1e-3) and type(cfg.train.lr) is float
+    assert cfg.train.weight_decay == 0.5
+    assert cfg.seed == 7
+    assert cfg.out == "123" and type(cfg.out) is str  # a str field keeps the text
+    assert cfg.face.margin == 1.0 and type(cfg.face.margin) is float
+
+
+@pytest.mark.parametrize("raw,expected", [("1E-4", 1e-4), ("2.5e-3", 2.5e-3), ("0.01", 0.01), ("3", 3.0)])
+def test_float_notations(raw, expected):
+    assert load_config("cpu", [f"train.lr={raw}"]).train.lr == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("raw,expected", [("true", True), ("True", True), ("yes", True), ("1", True),
+                                          ("on", True), ("false", False), ("no", False), ("0", False),
+                                          ("off", False)])
+def test_bool_overrides(raw, expected):
+    cfg = load_config("cpu", [f"resume={raw}", f"face.enabled={raw}"])
+    assert cfg.resume is expected and cfg.face.enabled is expected
+
+
+@pytest.mark.parametrize("raw", ["convnext,dae", "[convnext,dae]", "[convnext, dae]", "convnext,dae,"])
+def test_list_overrides(raw):
+    assert load_config("cpu", [f"experts={raw}"]).experts == ["convnext", "dae"]
+
+
+def test_single_item_and_empty_lists():
+    assert load_config("cpu", ["experts=dae"]).experts == ["dae"]
+    assert load_config("cpu", ["train.tta="]).train.tta == []
+    assert load_config("cpu", ["train.tta=hflip,scale"]).train.tta == ["hflip", "scale"]
+
+
+def test_list_items_are_cast():
+    cfg = load_config("cpu", ["expert.dae.score_weights=[0.5,0.25,1]"])
+    assert cfg.expert["dae"].score_weights == [0.5, 0.25, 1.0]
+    assert all(type(v) is float for v in cfg.expert["dae"].score_weights)
+    cfg = load_config("cpu", ["expert.dae.score_weights=0.2,0.3,0.5"])
+    assert cfg.expert["dae"].score_weights == [0.2, 0.3, 0.5]
+
+
+def test_nested_expert_overrides():
+    cfg = load_config("cpu", ["expert.convnext.lr=1e-3", "expert.convnext.model=test_convnext",
+                              "expert.clip.head_layers=2", "expert.convnext.pretrained=false"])
+    assert cfg.expert["convnext"].lr == pytest.approx(1e-3)
+    assert cfg.expert["convnext"].model == "test_convnext"
+    assert cfg.expert["convnext"].kind == "convnext"  # untouched fields keep the profile's value
+    assert cfg.expert["clip"].head_layers == 2
+    assert cfg.expert["convnext"].pretrained is False
+    assert cfg.expert_config("convnext") is cfg.expert["convnext"]
+
+
+def test_new_expert_section_by_override():
+    cfg = load_config("cpu", ["expert.small.kind=convnext", "expert.small.model=test_convnext",
+                              "experts=convnext,small"])
+    assert cfg.experts == ["convnext", "small"]
+    assert cfg.expert["small"].model == "test_convnext"
+
+
+def test_overrides_apply_in_order():
+    assert load_config("cpu", ["train.epochs=3", "train.epochs=5"]).train.epochs == 5
+
+
+@pytest.mark.parametrize("override,named", [
+    ("train.epoch=3", "train.epoch"),
+    ("nope=1", "nope"),
+    ("expert.convnext.lrr=0.1", "expert.convnext.lrr"),
+    ("data.image_sizes=64", "data.image_sizes"),
+])
+def test_unknown_key_is_an_error_naming_it(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config("cpu", [override])
+    assert repr(named) in str(err.value) or named in str(err.value)
+
+
+@pytest.mark.parametrize("override,named", [
+    ("train.epochs=abc", "train.epochs"),
+    ("train.epochs=3.5", "train.epochs"),
+    ("train.lr=fast", "train.lr"),
+    ("resume=maybe", "resume"),
+    ("face.enabled=2", "face.enabled"),
+    ("expert.dae.score_weights=[a,b,c]", "expert.dae.score_weights"),
+    ("out=[a,b]", "out"),                       # a list is not a path
+    ("train.lr=[0.1]", "train.lr"),
+])
+def test_bad_type_is_an_error(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config("cpu", [override])
+
+
+@pytest.mark.parametrize("override,named", [("expert.convnext=3", "expert.convnext"), ("expert=3", "expert")])
+def test_expert_table_needs_mappings(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config("cpu", [override])
+
+
+def test_section_needs_a_mapping():
+    with pytest.raises(ConfigError, match="train"):
+        load_config("cpu", ["train=3"])
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config("cpu", ["train.epochs"])
+
+
+def test_unknown_profile_lists_known_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config("laptop")
+    message = str(err.value)
+    assert "laptop" in message
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"cpu", "gpu"} <= set(known)
+    for name in known:
+        assert name in message
+
+
+def test_expert_without_section_is_an_error():
+    with pytest.raises(ConfigError) as err:
+        load_config("cpu", ["experts=convnext,transformer9"])
+    assert "transformer9" in str(err.value)
+    assert "convnext" in str(err.value)  # the known ones are listed
+
+
+def test_expert_config_lookup_of_unknown_name():
+    with pytest.raises(KeyError, match="nope"):
+        load_config("cpu").expert_config("nope")
+
+
+def test_to_dict_from_dict_round_trip():
+    cfg = load_config("gpu", ["train.epochs=3", "expert.clip.lr=1e-4"])
+    again = from_dict(to_dict(cfg))
+    assert again == cfg
+    assert isinstance(again.expert["clip"], ExpertConfig)
+    assert dataclasses.asdict(again) == to_dict(cfg)
+
+
+def test_defaults_are_not_shared_between_configs():
+    a = load_config("cpu", ["train.tta=hflip"])
+    b = load_config("cpu")
+    assert b.train.tta == [] and a.train.tta == ["hflip"]
+    a.expert["convnext"].lr = 9.0
+    assert load_config("cpu").expert["convnext"].lr == 0.0

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole recipe, from a labelled folder to a submission:
+#
+#   bash train.sh [DATA_ROOT] [profile=cpu|gpu] [key=value ...]
+#
+# With no DATA_ROOT it builds the demo data set (data_prep.demo) and trains on it.
+# Writes inference-ready weights into weights/ (or out=DIR), reports into reports/ (or
+# reports=DIR) and, when DATA_ROOT has a testset/, reports/submission.csv.
+# With more than one GPU visible it trains with torchrun (DDP); NPROC=N overrides.
+set -euo pipefail
+cd "$(dirname "$0")"
+export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
+
+DATA_ROOT=""
+if [[ $# -gt 0 && "$1" != *=* ]]; then DATA_ROOT="$1"; shift; fi
+ARGS=("$@")
+setting() {  # the value of key=... among the arguments, else the default
+  local key="$1" default="$2" arg
+  for arg in "${ARGS[@]}"; do [[ "$arg" == "$key="* ]] && default="${arg#*=}"; done
+  echo "$default"
+}
+OUT=$(setting out weights)
+REPORTS=$(setting reports reports)
+mkdir -p "$REPORTS"
+START=$(date +%s)
+
+# 1. Data: the demo set when no data root is given.
+if [[ -z "$DATA_ROOT" ]]; then
+  DATA_ROOT=demo_data
+  echo "== no DATA_ROOT given: building the demo data set in $DATA_ROOT/"
+  python -m data_prep.demo "$DATA_ROOT" --seed "$(setting seed 0)"
+fi
+
+# 2. Experts: one training loop for all (data-parallel under torchrun when GPUs allow).
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+NPROC=${NPROC:-$GPUS}
+echo "== training experts on $DATA_ROOT"
+if [[ "$NPROC" -gt 1 ]]; then
+  torchrun --standalone --nproc_per_node="$NPROC" -m experts.train "$DATA_ROOT" "${ARGS[@]}"
+else
+  python -m experts.train "$DATA_ROOT" "${ARGS[@]}"
+fi
+
+# 3. Ensemble: the stacking meta-learner on held-out expert scores.
+echo "== fitting the ensemble"
+python -m ensemble.fit "$DATA_ROOT" "${ARGS[@]}"
+
+# 4. Reports: metrics and plots on validation (and on the testset when it has labels).
+echo "== evaluating"
+python -m ensemble.evaluate "$DATA_ROOT" --split valset --reports "$REPORTS/valset" "${ARGS[@]}"
+if [[ -f "$DATA_ROOT/testset_label.txt" ]]; then
+  python -m ensemble.evaluate "$DATA_ROOT" --split testset --reports "$REPORTS/testset" "${ARGS[@]}"
+fi
+
+# 5. Submission.
+if [[ -d "$DATA_ROOT/testset" ]]; then
+  echo "== scoring $DATA_ROOT/testset"
+  python infer.py "$DATA_ROOT/testset" --csv "$REPORTS/submission.csv" --weights "$OUT"
+fi
+echo "== done in $(( $(date +%s) - START )) s: weights in $OUT/, reports in $REPORTS/"
