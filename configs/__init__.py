@@ -93,6 +93,7 @@ class ExpertConfig:
     image_size: int = 0            # 0 = data.image_size
     epochs: int = 0                # 0 = train.epochs
     lr: float = 0.0                # 0 = train.lr
+    input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)
     trainable: str = "all"         # all | layernorm_head (CLIP: LayerNorm affine + head only)
     head_layers: int = 1           # MLP head depth (CLIP expert)
     embed_dim: int = 128           # projection head for the NCE loss

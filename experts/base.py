@@ -105,22 +105,49 @@ class Expert(nn.Module):
         return total, trainable
 
 
+class NoiseResiduals(nn.Module):
+    """Fixed SRM high-pass filters (steganalysis rich models, Fridrich & Kodovsky 2012) on
+    the grey image: 3 noise-residual maps. Face swaps resample and blend the inner face, which
+    changes its noise and high frequencies; a network trained from scratch on a few thousand
+    images finds those traces far sooner in the residuals than in RGB (measured: README)."""
+
+    def __init__(self):
+        super().__init__()
+        k = torch.zeros(3, 1, 5, 5)
+        k[0, 0, 1:4, 1:4] = torch.tensor([[-1, 2, -1], [2, -4, 2], [-1, 2, -1]]) / 4
+        k[1, 0] = torch.tensor([[-1, 2, -2, 2, -1], [2, -6, 8, -6, 2], [-2, 8, -12, 8, -2],
+                                [2, -6, 8, -6, 2], [-1, 2, -2, 2, -1]]) / 12
+        k[2, 0, 2, 1:4] = torch.tensor([1, -2, 1]) / 2
+        self.register_buffer("kernels", k)
+
+    def forward(self, x):  # x in [0, 1]; residuals scaled to roughly unit variance
+        return F.conv2d(x.mean(dim=1, keepdim=True), self.kernels.to(x.dtype), padding=2) * 10
+
+
 class BackboneClassifier(Expert):
     """timm backbone -> pooled features -> linear/MLP head (2 logits), plus a projection
-    head whose L2-normalised output feeds the supervised contrastive loss."""
+    head whose L2-normalised output feeds the supervised contrastive loss.
+    `input_filter: srm` appends 3 noise-residual channels to the normalised RGB input."""
 
     def __init__(self, cfg: ExpertConfig, image_size: int, **backbone_kwargs):
-        backbone = create_backbone(cfg, drop_rate=cfg.drop_rate, **backbone_kwargs)
+        if cfg.input_filter not in ("none", "srm"):
+            raise ValueError(f"input_filter must be 'none' or 'srm', got {cfg.input_filter!r}")
+        in_chans = 6 if cfg.input_filter == "srm" else 3
+        backbone = create_backbone(cfg, drop_rate=cfg.drop_rate, in_chans=in_chans, **backbone_kwargs)
         data_cfg = backbone.pretrained_cfg or {}
         super().__init__(cfg, image_size, data_cfg.get("mean", (0.485, 0.456, 0.406)),
                          data_cfg.get("std", (0.229, 0.224, 0.225)))
+        self.residuals = NoiseResiduals() if cfg.input_filter == "srm" else None
         self.backbone = backbone
         width = backbone.num_features
         self.head = make_mlp(width, 2, cfg.head_layers)
         self.projector = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.embed_dim))
 
     def features(self, x):
-        return self.backbone(self.normalize(x))
+        inputs = self.normalize(x)
+        if self.residuals is not None:
+            inputs = torch.cat([inputs, self.residuals(x)], dim=1)
+        return self.backbone(inputs)
 
     def forward(self, x):
         return self.head(self.features(x))

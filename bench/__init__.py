@@ -1,0 +1,1 @@
+"""Benchmarks: speed (bench/speed.py) and quality (bench/quality.py) of the trained detector."""

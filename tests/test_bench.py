@@ -1,0 +1,106 @@
+"""bench/speed.py and bench/quality.py on a tiny demo set and one tiny trained expert."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import quality, speed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(data root, weights dir, overrides): a tiny demo set and one tiny convnext expert."""
+    from data_prep.demo import build_demo
+    from experts import train
+
+    tmp = tmp_path_factory.mktemp("bench")
+    root = build_demo(tmp / "data", n_train=32, n_val=16, n_test=16, size=64)
+    w, r, c = tmp / "weights", tmp / "runs", tmp / "cache"
+    overrides = ["threads=1", "device=cpu", "data.image_size=48", "face.crop_size=56", "train.batch_size=8",
+                 "train.epochs=1", "experts=convnext", "expert.convnext.model=test_convnext",
+                 f"data.cache_dir={c}"]
+    assert train.main([str(root), *overrides, f"out={w}", f"run_dir={r}"]) == 0
+    return root, w, overrides
+
+
+def test_speed(tiny, tmp_path):
+    root, weights, overrides = tiny
+    out = tmp_path / "speed.json"
+    code = speed.main([str(root / "testset"), "--weights", str(weights), "--batch-size", "4", "--workers", "0",
+                       "--threads", "1", "--repeats", "1", "--limit", "10", "--device", "cpu",
+                       "--allow-contention", "--out", str(out),
+                       "--train", str(root), "--train-epochs", "1", *overrides])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 10 and result["experts"] == ["convnext"] and result["threads"] == 1
+    assert result["end_to_end"]["images_per_s"] > 0 and result["end_to_end"]["rows"] == 10
+    assert result["end_to_end"]["scoring_images_per_s"] >= result["end_to_end"]["images_per_s"]
+    assert result["bare"]["images_per_s"] > 0 and result["bare"]["batches"] == 3  # 4 + 4 + 2
+    assert result["bare"]["experts"]["convnext"]["images_per_s"] > 0
+    assert 0 < result["ratio"] and 0 < result["ratio_scoring"]
+    assert result["memory"]["peak_rss_mb"] > 50
+    startup = result["startup"]
+    assert startup["load_s"] > 0 and startup["cold_infer"]["rc"] == 0 and startup["cold_infer"]["seconds"] > 0
+    assert result["train"]["experts"]["convnext"]["images_per_s"] > 0
+    assert result["machine"]["cpu_count"] >= 1 and "torch" in result["versions"]
+    c = result["contention"]
+    assert c["contended"] in (True, False) and result["contended"] == c["contended"] and c["allowed"]
+    assert c["others_cores_before"] is not None and c["others_cores_during"] is not None
+
+
+def test_contention_verdict():
+    assert speed.contention_verdict(0.1, 0.2, 0.0, [0.0, 0.6, 0.1, 0.2, 0.1, 0.0, 0.1, 0.2, 0.1, 0.3, 0.0])[0] is False
+    contended, reasons = speed.contention_verdict(0.1, 0.7, 0.0, [])
+    assert contended and "during the run" in reasons[0]
+    assert speed.contention_verdict(0.0, 0.2, 0.0, [0.9, 0.9, 0.0, 0.0])[0] is True  # busy windows
+    assert speed.contention_verdict(None, None, None, [])[0] is None
+
+
+def test_others_cores_excludes_own_work():
+    a = speed.CpuSnapshot(wall=0.0, busy=10.0, own=1.0)
+    b = speed.CpuSnapshot(wall=2.0, busy=13.0, own=3.0)  # 3 busy s, 2 of them ours
+    assert speed.others_cores(a, b) == pytest.approx(0.5)
+    assert speed.others_cores(a, speed.CpuSnapshot(2.0, None, 3.0)) is None
+
+
+def test_speed_fails_when_contended(tiny, tmp_path, monkeypatch):
+    root, weights, _ = tiny
+    monkeypatch.setattr(speed, "sample_others", lambda seconds=1.0: 1.5)  # a busy neighbour
+    out = tmp_path / "speed.json"
+    args = [str(root / "testset"), "--weights", str(weights), "--batch-size", "8", "--workers", "0",
+            "--repeats", "1", "--limit", "4", "--no-cold", "--device", "cpu", "--out", str(out)]
+    assert speed.main(args) == speed.EXIT_CONTENDED
+    result = json.loads(out.read_text())
+    assert result["contended"] is True and result["contention"]["reasons"]
+
+
+def test_speed_usage_errors(tmp_path):
+    assert speed.main([str(tmp_path / "missing")]) == 2
+    assert speed.main([str(tmp_path), "train.epochs=2"]) == 2  # overrides need --train
+    assert speed.main([str(tmp_path), "--weights", str(tmp_path / "none"), "--no-cold"]) == 2  # no images
+
+
+def test_quality(tiny, tmp_path):
+    root, weights, overrides = tiny
+    out = tmp_path / "quality.md"
+    assert quality.main([str(root), "--weights", str(weights), "--out", str(out), *overrides]) == 0
+    text = out.read_text()
+    assert f"`{root}`" in text and "testset" in text and "command: `python bench/quality.py" in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| name | auc | ap | eer | acc | tpr@fpr1 | tpr@fpr5 | ece | brier")
+    names = [line.split("|")[1].strip() for line in table[1:]]
+    assert names == ["convnext", "ensemble", "mean", "rank_mean"]
+    assert quality.main([str(tmp_path / "no_data"), "--weights", str(weights), "--out", str(out)]) == 2
+
+
+def test_scripts_run_standalone():
+    for script in ("bench/speed.py", "bench/quality.py"):
+        proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and "usage:" in proc.stdout
