@@ -7,6 +7,7 @@
 # Writes inference-ready weights into weights/ (or out=DIR), reports into reports/ (or
 # reports=DIR) and, when DATA_ROOT has a testset/, reports/submission.csv.
 # With more than one GPU visible it trains with torchrun (DDP); NPROC=N overrides.
+# FOLDS=K first trains the first expert on K leave-one-cluster-out folds (see step 1b).
 set -euo pipefail
 cd "$(dirname "$0")"
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
@@ -29,6 +30,27 @@ if [[ -z "$DATA_ROOT" ]]; then
   DATA_ROOT=demo_data
   echo "== no DATA_ROOT given: building the demo data set in $DATA_ROOT/"
   python -m data_prep.demo "$DATA_ROOT" --seed "$(setting seed 0)"
+fi
+
+# A labelled video folder (labels.csv: video_name,target) trains on sampled frames.
+if [[ -f "$DATA_ROOT/labels.csv" ]] && head -1 "$DATA_ROOT/labels.csv" | grep -q '^video_name'; then
+  FRAMES_ROOT=".cache/video_frames/$(basename "$(cd "$DATA_ROOT" && pwd)")"
+  echo "== $DATA_ROOT is a video folder: extracting frames into $FRAMES_ROOT/"
+  python -m data_prep.video "$DATA_ROOT" "$FRAMES_ROOT" --frames "${FRAMES:-16}" --seed "$(setting seed 0)"
+  DATA_ROOT="$FRAMES_ROOT"
+fi
+
+# 1b. Optional (FOLDS=K): the winning solution's out-of-distribution check. Re-split
+# train+val by k-means clusters of face embeddings and train the first expert once per fold
+# (fold k validates on cluster k); reports/folds/ gets the clusters, t-SNE and per-fold AUC.
+if [[ -n "${FOLDS:-}" ]]; then
+  FIRST_EXPERT=$(python -c "import sys; from ensemble.fit import config_from_argv; print(config_from_argv(sys.argv[1:])[0].experts[0])" "$DATA_ROOT" "${ARGS[@]}")
+  echo "== cluster re-split into $FOLDS folds; training $FIRST_EXPERT per fold"
+  python -m data_prep.cluster_split "$DATA_ROOT" --out "$REPORTS/folds" --k "$FOLDS" --profile "$(setting profile cpu)"
+  for ((k = 0; k < FOLDS; k++)); do
+    python -m experts.train "$DATA_ROOT" "${ARGS[@]}" experts="$FIRST_EXPERT" \
+      data.folds_csv="$REPORTS/folds/folds.csv" data.fold="$k" out="$REPORTS/folds/weights" run_dir="$REPORTS/folds/runs"
+  done
 fi
 
 # 2. Experts: one training loop for all (data-parallel under torchrun when GPUs allow).

@@ -25,6 +25,8 @@ class DataConfig:
     cache_dir: str = ".cache"      # decoded face crops are cached here (keyed by file + settings)
     online_fakes: float = 0.0      # probability that a training real becomes an editing fake on the fly
     online_fake_ops: list[str] = field(default_factory=list)  # empty = all ops in data_prep.manipulations
+    folds_csv: str = ""            # data_prep.cluster_split folds: train on fold `fold`'s split ...
+    fold: int = -1                 # ... (validate on its cluster); experts export as <name>_fold<k>
 
 
 @dataclass

@@ -443,6 +443,9 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=5, help="number of clusters = folds")
     parser.add_argument("--backbone", default="resnet18", help="timm model that embeds the face crops")
     parser.add_argument("--pretrained", action="store_true", help="hub weights for the backbone (needs network)")
+    parser.add_argument("--expert", help="embed with this trained expert (its face crop and input size) "
+                                         "instead of --backbone")
+    parser.add_argument("--weights", type=Path, default=Path("weights"), help="where --expert is")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--profile", default="cpu", help="config profile: face crop settings and cache dir")
@@ -468,13 +471,19 @@ def main(argv=None) -> int:
             print((args.out / "clusters.md").read_text())
             print(f"wrote {folds_path}")
             return 0
-        emb, kept = embed_with_backbone(samples, args.backbone, cfg.face, cfg.data.cache_dir, args.image_size,
-                                        args.batch_size, args.pretrained, args.device)
+        face, image_size, embed_fn, source = cfg.face, args.image_size, None, args.backbone
+        if args.expert:
+            from experts.weights import face_config_of, load_expert
+            model, entry = load_expert(args.weights, args.expert, resolve_device(args.device))
+            face, image_size, embed_fn = face_config_of(entry), model.image_size, model.embed
+            source = f"expert {args.expert!r}"
+        emb, kept = embed_with_backbone(samples, args.backbone, face, cfg.data.cache_dir, image_size,
+                                        args.batch_size, args.pretrained, args.device, embed_fn=embed_fn)
         if args.unsupervised:
             write_pseudo_labels(args.out, [samples[i] for i in kept], emb, args.seed)
         else:
             write_cluster_split(args.out, samples, emb, kept, args.k, args.seed, args.device,
-                                method=f"k-means (k={args.k}) on {args.backbone} embeddings")
+                                method=f"k-means (k={args.k}) on {source} embeddings")
     except (ValueError, RuntimeError) as err:  # DataLayoutError, ConfigError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,8 +19,12 @@ from configs import AugmentConfig
 
 def train_augmentations(cfg: AugmentConfig, size: int) -> A.Compose:
     s = cfg.scale
+    # scale=0 skips the resized crop: its resampling would blur the very traces (a resampled,
+    # blended inner face) that a detector looks for, and evaluation never resamples.
+    rescale = [A.RandomResizedCrop(size=(size, size), scale=(1 - 2 * s, 1.0), ratio=(1 - s, 1 + s), p=1.0)] \
+        if s > 0 else []
     return A.Compose([
-        A.RandomResizedCrop(size=(size, size), scale=(1 - 2 * s, 1.0), ratio=(1 - s, 1 + s), p=1.0),
+        *rescale,
         A.HorizontalFlip(p=cfg.hflip),
         A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=cfg.color),
         A.GaussianBlur(blur_limit=(3, 5), p=cfg.blur),

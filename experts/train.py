@@ -255,13 +255,15 @@ def safe_auc(y, p) -> float:
         return float("nan")
 
 
-def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime) -> dict:
-    """Train one expert; returns its summary (also written to the manifest)."""
+def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: str | None = None) -> dict:
+    """Train expert `name` of the config; exported (weights, manifest, run dir) as
+    `export_name` (default: the same). Returns its summary (also written to the manifest)."""
     ecfg: ExpertConfig = cfg.expert_config(name)
+    export_name = export_name or name
     size = ecfg.image_size or cfg.data.image_size
     epochs = ecfg.epochs or cfg.train.epochs
     lr = ecfg.lr or cfg.train.lr
-    run_dir = Path(cfg.run_dir) / name
+    run_dir = Path(cfg.run_dir) / export_name
     show = rt.is_main and (sys.stderr.isatty() or os.environ.get("FORCE_TQDM") == "1")
     seed_everything(cfg.seed)
 
@@ -387,11 +389,11 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime) -> dict:
         "data": {"trainset": summarize(train_samples), "valset": summarize(splits["valset"])},
         "history": history,
     }
-    save_expert(expert, cfg.out, name, cfg.face, {"training": summary}, config=to_dict(cfg))
+    save_expert(expert, cfg.out, export_name, cfg.face, {"training": summary}, config=to_dict(cfg))
     (run_dir / "val_scores.json").write_text(json.dumps(
         {s.name: float(p) for s, p in zip(splits["valset"], p_val)}))
-    log.info("%s: best epoch %d, val AUC %.4f -> %s/%s.safetensors", name, best["epoch"],
-             summary["val_auc"], cfg.out, name)
+    log.info("%s: best epoch %d, val AUC %.4f -> %s/%s.safetensors", export_name, best["epoch"],
+             summary["val_auc"], cfg.out, export_name)
     return summary
 
 
@@ -430,6 +432,12 @@ def main(argv=None) -> int:
         raise SystemExit("error: no data root: python -m experts.train DATA_ROOT [key=value ...]")
     rt = setup_runtime(cfg)
     splits = load_splits(cfg.data_root, seed=cfg.seed)
+    suffix = ""
+    if cfg.data.folds_csv:  # leave-one-cluster-out: fold k validates on cluster k
+        from data_prep.cluster_split import fold_samples
+        splits["trainset"], splits["valset"] = fold_samples(splits["trainset"] + splits["valset"],
+                                                            cfg.data.folds_csv, cfg.data.fold)
+        suffix = f"_fold{cfg.data.fold}"
     crops = FaceCropCache(cfg.face, cfg.data.cache_dir)
     for split in ("trainset", "valset"):
         if rt.is_main:
@@ -440,7 +448,7 @@ def main(argv=None) -> int:
             for split in ("trainset", "valset"):
                 splits[split] = cache_face_crops(splits[split], crops, 0, show=False)
     for name in cfg.experts:
-        train_expert(cfg, name, splits, rt)
+        train_expert(cfg, name, splits, rt, export_name=name + suffix)
     if rt.world > 1:
         dist.destroy_process_group()
     return 0

@@ -10,6 +10,7 @@ TINY_MODELS = {
     "efficientnet": "test_efficientnet",
     "clip": "test_vit",
     "dae": "test_resnet",
+    "resnet": "test_resnet",
 }
 
 
@@ -26,6 +27,7 @@ def tiny_overrides(tmp_path, epochs: int = 2, experts: str | None = None, cache_
         f"data.cache_dir={cache_dir or tmp / 'cache'}",
     ]
     out += [f"expert.{name}.model={model}" for name, model in TINY_MODELS.items()]
+    out += [f"expert.{name}.epochs={epochs}" for name in TINY_MODELS]  # profiles may set more
     if experts:
         out.append(f"experts={experts}")
     return out

@@ -18,8 +18,11 @@ CASES = [
     ("clip", "test_vit", "layernorm_head"),
     ("clip", "test_vit", "all"),
     ("dae", "test_resnet", "all"),
+    ("resnet", "test_resnet", "all"),
 ]
 IDS = [f"{k}-{t}" for k, _, t in CASES]
+SRM_CASES = [("resnet", "test_resnet"), ("convnext", "test_convnext"), ("efficientnet", "test_efficientnet"),
+             ("clip", "test_vit")]
 
 
 def make(kind, model, trainable="all", **kw):
@@ -33,7 +36,25 @@ def batch(n=4, size=SIZE):
 
 
 def test_registry_holds_the_four_kinds():
-    assert {"convnext", "efficientnet", "clip", "dae"} <= set(EXPERTS)
+    assert {"convnext", "efficientnet", "clip", "dae", "resnet"} <= set(EXPERTS)
+
+
+@pytest.mark.parametrize("kind,model", SRM_CASES)
+def test_srm_input_filter_adds_noise_residual_channels(kind, model):
+    expert = make(kind, model, input_filter="srm").eval()
+    x, _ = batch()
+    with torch.no_grad():
+        residuals = expert.residuals(x)
+        assert residuals.shape == (4, 3, SIZE, SIZE)
+        # a flat image has no noise residual: the filters are high-pass (they sum to zero)
+        assert expert.residuals(torch.full_like(x, 0.5))[..., 2:-2, 2:-2].abs().max() < 1e-6
+        assert expert(x).shape == (4, 2)
+    assert "residuals.kernels" in expert.state_dict()  # saved with the weights
+
+
+def test_unknown_input_filter_is_refused():
+    with pytest.raises(ValueError, match="input_filter"):
+        make("resnet", "test_resnet", input_filter="sobel")
 
 
 @pytest.mark.parametrize("kind,model,trainable", CASES, ids=IDS)

@@ -429,3 +429,22 @@ def test_infer_csv_names_with_comma_stay_one_column(trained, demo_root, tmp_path
     rows = read_csv(out)  # every row must parse as exactly img_name,y_pred
     assert [n for n, _ in rows] == ["face, left.jpg", "plain.jpg"]
     assert rows[0][1] == rows[1][1]
+
+
+def test_training_on_a_cluster_fold(demo_root, tmp_path, crop_cache):
+    from data_prep.cluster_split import fold_samples, random_folds, write_folds
+    from data_prep.dataset import load_splits
+
+    splits = load_splits(demo_root)
+    pool = splits["trainset"] + splits["valset"]
+    names, targets = [s.name for s in pool], np.array([s.target for s in pool])
+    folds_csv = write_folds(tmp_path / "folds", names, targets, random_folds(names, targets, 3, seed=0))
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="convnext", cache_dir=crop_cache)
+    assert experts_train.main([str(demo_root), *overrides, f"data.folds_csv={folds_csv}", "data.fold=1"]) == 0
+
+    manifest = json.loads((tmp_path / "weights" / MANIFEST).read_text())
+    assert list(manifest["experts"]) == ["convnext_fold1"]
+    train, val = fold_samples(pool, folds_csv, 1)
+    data = manifest["experts"]["convnext_fold1"]["training"]["data"]
+    assert data["valset"]["n"] == len(val) and data["trainset"]["n"] == len(train)
+    assert not {s.name for s in train} & {s.name for s in val}

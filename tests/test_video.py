@@ -135,3 +135,23 @@ def test_read_video_labels_errors(tmp_path, text, message):
         write_labels(tmp_path, text)
     with pytest.raises(VideoLabelError, match=message):
         read_video_labels(tmp_path)
+
+
+def test_extract_frames_layout_splits_by_video(tmp_path):
+    root = tmp_path / "videos"
+    root.mkdir()
+    names = [f"v{i}.mp4" for i in range(4)]
+    for name in names:
+        write_video(root / name, n_frames=12)
+    write_labels(root, "video_name,target\nv0.mp4,0\nv1.mp4,0\nv2.mp4,1\nv3.mp4,1\n")
+    out = video.extract_frames_layout(root, tmp_path / "frames", n_frames=3, seed=0)
+
+    from data_prep.dataset import load_splits
+    splits = load_splits(out)
+    videos_of = {split: {s.name.split("_f")[0] for s in splits[split]} for split in ("trainset", "valset")}
+    assert not videos_of["trainset"] & videos_of["valset"]  # no video on both sides
+    assert len(splits["trainset"]) + len(splits["valset"]) == 4 * 3
+    for split in ("trainset", "valset"):
+        assert {s.target for s in splits[split]} == {0, 1}
+        for s in splits[split]:
+            assert s.target == (1 if s.name.split("_f")[0] in ("v2", "v3") else 0)
