@@ -438,7 +438,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--gradcam", type=int, default=4, metavar="N",
                         help="Grad-CAM for N real and N fake images (0 = none)")
     parser.add_argument("--no-plots", action="store_true", help="metrics only")
-    return parser.parse_args(argv)
+    # intermixed: the data root and key=value overrides may come before or after the options
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
