@@ -75,24 +75,22 @@ class Detector:
 
     def feature_names(self) -> list[str]:
         names = list(self.experts)
-        if "hflip" in self.tta:
+        if self.tta:
             names += [f"{n}_tta_spread" for n in self.experts]
         return names
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def expert_features(self, batch: dict[int, torch.Tensor]) -> np.ndarray:
         """(B, n_features): each expert's P(fake), averaged over TTA views, then (with TTA)
         each expert's spread between views, a cue of uncertainty the stacker may use."""
+        inputs = {size: t.to(self.device, non_blocking=True).float().div_(255) for size, t in batch.items()}
         means, spreads = [], []
         for model in self.experts.values():
-            x = batch[model.image_size].to(self.device, non_blocking=True).float().div_(255)
-            views = [model.predict_proba(x)]
-            if "hflip" in self.tta:
-                views.append(model.predict_proba(x.flip(3)))
-            views = torch.stack(views).float().cpu()
+            x = inputs[model.image_size]
+            views = torch.stack([model.predict_proba(v) for v in tta_views(x, self.tta)]).float().cpu()
             means.append(views.mean(0))
             spreads.append(views.max(0).values - views.min(0).values)
-        cols = means + (spreads if "hflip" in self.tta else [])
+        cols = means + (spreads if self.tta else [])
         return torch.stack(cols, dim=1).numpy()
 
     def combine(self, features: np.ndarray) -> np.ndarray:
@@ -108,6 +106,28 @@ class Detector:
         """One decoded image -> {input size: uint8 tensor (3, S, S)}, as in training."""
         crop = crop_face(rgb, self.face)[0]
         return {s: to_tensor(resize_square(crop, s)) for s in self.input_sizes}
+
+
+TTA_VIEWS = ("hflip", "scale")
+
+
+def tta_views(x: torch.Tensor, tta: list[str]) -> list[torch.Tensor]:
+    """The original batch plus one view per TTA entry: `hflip` mirrors it; `scale` zooms in
+    on the centre 7/8 and resizes back (area filter, like the training crops), a mild change
+    of the face's apparent size."""
+    unknown = set(tta) - set(TTA_VIEWS)
+    if unknown:
+        raise ValueError(f"unknown test-time augmentation {sorted(unknown)}; known: {list(TTA_VIEWS)}")
+    views = [x]
+    if "hflip" in tta:
+        views.append(x.flip(3))
+    if "scale" in tta:
+        size = x.shape[-1]
+        margin = size // 16
+        centre = x[..., margin:size - margin, margin:size - margin]
+        views.append(torch.nn.functional.interpolate(centre, size=(size, size), mode="bilinear",
+                                                     antialias=True, align_corners=False))
+    return views
 
 
 class ImageFiles(Dataset):

@@ -164,10 +164,7 @@ class BackboneClassifier(Expert):
             noisy = (x + loss_cfg.kl_noise_std * torch.randn_like(x)).clamp(0, 1)
             noisy_logits = self(noisy)
         projected = F.normalize(self.projector(feats), dim=1) if loss_cfg.nce > 0 else None
-        # Keep the projector in the graph when NCE is off, so DDP sees every parameter used.
-        anchor = 0.0 if projected is not None else 0.0 * sum(p.sum() for p in self.projector.parameters())
-        loss, logs = classification_losses(logits, y, loss_cfg, noisy_logits, projected)
-        return loss + anchor, logs
+        return classification_losses(logits, y, loss_cfg, noisy_logits, projected)
 
     def gradcam_layer(self):
         stages = getattr(self.backbone, "stages", None) or getattr(self.backbone, "blocks", None)

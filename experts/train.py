@@ -282,6 +282,10 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name:
         raise SystemExit(f"error: {name}: {len(train_samples)} training images are fewer than one batch "
                          f"({cfg.train.batch_size} x {rt.world} processes); lower train.batch_size")
 
+    if cfg.loss.nce == 0 and hasattr(expert, "projector"):
+        # Only the NCE loss uses the projection head: without it, freeze it, so it neither
+        # counts as trainable nor leaves DDP waiting for gradients that never come.
+        expert.projector.requires_grad_(False)
     if cfg.train.channels_last:
         expert = expert.to(memory_format=torch.channels_last)
     step_module: nn.Module = TrainStep(expert, cfg.loss)
