@@ -273,6 +273,8 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name:
     if expert.trains_on_real_only:
         train_samples = [s for s in train_samples if s.target == 0]
     train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True)
+    if expert.trains_on_real_only:
+        train_set.online_fakes = 0.0  # a real-only model must never see an editing fake
     val_set = FaceCropDataset(splits["valset"], crops, size, cfg, train=False)
     sampler = EpochSampler([s.target for s in train_samples], cfg.train.balanced_sampling and
                            not expert.trains_on_real_only, cfg.seed, rt.rank, rt.world)

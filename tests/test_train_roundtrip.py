@@ -448,3 +448,19 @@ def test_training_on_a_cluster_fold(demo_root, tmp_path, crop_cache):
     data = manifest["experts"]["convnext_fold1"]["training"]["data"]
     assert data["valset"]["n"] == len(val) and data["trainset"]["n"] == len(train)
     assert not {s.name for s in train} & {s.name for s in val}
+
+
+def test_real_only_expert_never_sees_an_editing_fake(demo_root, tmp_path, crop_cache, monkeypatch):
+    from experts.dae import DenoisingAutoencoderExpert
+
+    seen = []
+    original = DenoisingAutoencoderExpert.training_loss
+
+    def recording(self, x, y, loss_cfg):
+        seen.extend(y.tolist())
+        return original(self, x, y, loss_cfg)
+
+    monkeypatch.setattr(DenoisingAutoencoderExpert, "training_loss", recording)
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="dae", cache_dir=crop_cache)
+    assert experts_train.main([str(demo_root), *overrides, "data.online_fakes=1.0"]) == 0
+    assert seen and set(seen) == {0}
