@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from configs import Config, ConfigError
-from data_prep.dataset import DataLayoutError, Sample, list_images, load_splits, read_test_labels
+from data_prep.dataset import DataLayoutError, Sample, load_splits, read_labelled_split
 from ensemble.metrics import choose_threshold, evaluate_scores, markdown_table
 
 log = logging.getLogger("ensemble.evaluate")
@@ -79,22 +79,13 @@ def labelled_samples(cfg: Config, split: str) -> tuple[list[Sample], list[Sample
         return val, val
     if not (root / "testset").is_dir():
         raise EvaluationError(f"{root / 'testset'}: no testset folder to evaluate (try --split valset)")
-    labels = read_test_labels(root)
-    if labels is None:
+    if not (root / "testset_label.txt").is_file():
         raise EvaluationError(f"{root / 'testset_label.txt'}: the testset has no labels, so it cannot be "
                               f"evaluated (try --split valset)")
-    images = {p.name: p for p in list_images(root / "testset")}
-    unlabelled = sorted(set(images) - set(labels))
-    if unlabelled:
-        raise EvaluationError(f"{root / 'testset'}: {len(unlabelled)} image(s) without a row in "
-                              f"testset_label.txt, e.g. {unlabelled[:3]}")
-    missing = sorted(set(labels) - set(images))
-    if missing:
-        raise EvaluationError(f"{root / 'testset_label.txt'}: {len(missing)} labelled image(s) not in "
-                              f"testset/, e.g. {missing[:3]}")
-    if not labels:
+    test = read_labelled_split(root, "testset")  # the same checks as for trainset and valset
+    if not test:
         raise EvaluationError(f"{root / 'testset'}: no images to evaluate")
-    return [Sample(images[n], labels[n]) for n in sorted(labels)], val
+    return test, val
 
 
 # ----------------------------------------------------------------------------- scores
