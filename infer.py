@@ -3,6 +3,7 @@
     python infer.py path/to/img.jpg                 # Prediction of [path/to/img.jpg] being Deepfake: 0.123456
     python infer.py DIR "shots/*.png" clip.mp4      # one line per input
     python infer.py DIR --csv out.csv               # img_name,y_pred for every image (and video) in DIR
+                                                    # (video_name,y_pred when DIR holds only videos)
 
 Inputs: files, folders (their image and video files, sorted by name; other files are
 ignored) and glob patterns. A video is scored by sampling `--frames` frames evenly,
@@ -99,12 +100,12 @@ def score_video(detector, path: Path, args) -> float:
     return aggregate_frame_scores(p.tolist(), args.video_rule)
 
 
-def write_csv_atomically(path: Path, rows: list[tuple[str, float]]) -> None:
+def write_csv_atomically(path: Path, rows: list[tuple[str, float]], name_column: str = "img_name") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")  # quotes a name holding a comma or quote
-        writer.writerow(["img_name", "y_pred"])
+        writer.writerow([name_column, "y_pred"])
         writer.writerows((name, f"{score:.6f}") for name, score in rows)
     os.replace(tmp, path)
 
@@ -158,7 +159,8 @@ def main(argv=None) -> int:
 
     rows = [(p.name, scores.get(p, FALLBACK_SCORE)) for p in files]
     rows.sort(key=lambda r: r[0])
-    write_csv_atomically(args.csv, rows)
+    only_videos = bool(files) and all(is_video_file(p) for p in files)
+    write_csv_atomically(args.csv, rows, "video_name" if only_videos else "img_name")
     error_file = args.csv.with_name(args.csv.name + ".errors")
     if errors:
         error_file.write_text("".join(f"{m.splitlines()[0]}\n" for m in errors.values()))

@@ -85,8 +85,9 @@ def seed_everything(seed: int) -> None:
 
 
 def mixed_precision(cfg: Config, device: torch.device):
-    """(autocast dtype or None, needs GradScaler). CPU autocast is off unless asked: on the
-    2-core CPU we measured bf16 slower than fp32 for these small models."""
+    """(autocast dtype or None, needs GradScaler). On CPU, `auto` means off: bf16 is only
+    faster where the CPU has bf16 units (measured 1.8x faster on the development machine by
+    bench/precision.py), and the cpu profile's published numbers are fp32; ask with amp=bf16."""
     mode = cfg.train.amp
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None, False

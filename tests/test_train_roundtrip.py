@@ -464,3 +464,31 @@ def test_real_only_expert_never_sees_an_editing_fake(demo_root, tmp_path, crop_c
     overrides = tiny_overrides(tmp_path, epochs=1, experts="dae", cache_dir=crop_cache)
     assert experts_train.main([str(demo_root), *overrides, "data.online_fakes=1.0"]) == 0
     assert seen and set(seen) == {0}
+
+
+def test_infer_scores_a_folder_of_videos(trained, tmp_path, capsys):
+    import cv2
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        writer = cv2.VideoWriter(str(folder / name), cv2.VideoWriter_fourcc(*"mp4v"), 10, (96, 96))
+        rng = np.random.default_rng(len(name))
+        for _ in range(12):
+            writer.write(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+        writer.release()
+    out = tmp_path / "videos.csv"
+    assert infer.main([str(folder), "--csv", str(out), "--weights", str(trained["weights"]), "--frames", "4"]) == 0
+    header, *rows = out.read_text().splitlines()
+    assert header == "video_name,y_pred" and [r.split(",")[0] for r in rows] == ["a.mp4", "b.mp4"]
+    assert all(0 <= float(r.split(",")[1]) <= 1 for r in rows)
+
+    assert infer.main([str(folder / "a.mp4"), "--weights", str(trained["weights"]), "--frames", "4"]) == 0
+    assert re.fullmatch(r"Prediction of \[.*a\.mp4\] being Deepfake: \d\.\d{6}\n", capsys.readouterr().out)
+
+
+def test_training_with_bf16_autocast_on_cpu(demo_root, tmp_path, crop_cache):
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="convnext", cache_dir=crop_cache)
+    assert experts_train.main([str(demo_root), *overrides, "train.amp=bf16"]) == 0
+    state = load_file(str(tmp_path / "weights" / "convnext.safetensors"))
+    assert all(torch.isfinite(t.float()).all() for t in state.values())
