@@ -21,14 +21,16 @@ def test_profiles_load_with_typed_values(profile):
 
 def test_cpu_profile_values_and_defaults():
     cfg = load_config("cpu")
-    assert cfg.experts == ["convnext"]
+    assert cfg.experts == ["resnet", "convnext", "efficientnet", "clip", "dae"]
     assert cfg.train.lr == pytest.approx(0.002)
     assert cfg.train.amp == "off"
-    assert cfg.face.crop_size == 160
+    assert cfg.face.crop_size == 128 and cfg.face.margin == pytest.approx(0.15)
     assert cfg.expert["clip"].trainable == "all"
-    # Not in the YAML: the dataclass default
+    assert cfg.expert["resnet"].input_filter == "srm" and cfg.expert["resnet"].epochs == 8
+    assert cfg.data.online_fakes == pytest.approx(0.2)
+    # Not in the YAML: the dataclass defaults
     assert cfg.train.weight_decay == pytest.approx(0.05)
-    assert cfg.face.margin == pytest.approx(0.3)
+    assert cfg.loss.kl == 0 and cfg.loss.nce == 0
 
 
 def test_gpu_profile_values():
