@@ -103,7 +103,7 @@ def holdout_split(samples: list[Sample], fraction: float, seed: int) -> tuple[li
 
 def load_splits(root, seed: int = 0, val_fraction: float = 0.15) -> dict[str, list[Sample]]:
     """{'trainset': [...], 'valset': [...], 'testset': [...] (may be empty)}; targets of the
-    testset are None here: evaluation reads them with `read_test_labels`."""
+    testset are None here: evaluation reads them (`read_labelled_split(root, 'testset')`)."""
     root = Path(root)
     if not root.is_dir():
         raise DataLayoutError(f"{root}: data root is not a directory")

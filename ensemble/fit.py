@@ -39,8 +39,7 @@ def config_from_argv(argv: list[str]) -> tuple[Config, list[str]]:
 
 def fit_ensemble(cfg: Config) -> dict:
     splits = load_splits(cfg.data_root, seed=cfg.seed)
-    detector = Detector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta)
-    detector.stacker = None  # score with the experts alone
+    detector = Detector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta, use_stacker=False)
     val = splits["valset"]
     _, features, errors = score_samples(detector, [s.path for s in val], cfg.train.batch_size,
                                         cfg.data.num_workers, progress=sys.stderr.isatty())

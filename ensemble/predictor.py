@@ -43,11 +43,13 @@ class Detector:
 
     @classmethod
     def from_weights(cls, weights_dir, experts: list[str] | None = None, device="auto",
-                     tta: list[str] | None = None) -> "Detector":
+                     tta: list[str] | None = None, use_stacker: bool = True) -> "Detector":
+        """`use_stacker=False`: the experts alone (plain mean), without reading the stacker,
+        as `ensemble.fit` needs when it is about to replace it."""
         weights_dir = Path(weights_dir)
         manifest = read_manifest(weights_dir)
         available = list(manifest.get("experts", {}))
-        ens = manifest.get("ensemble", {}).get("stacker")
+        ens = manifest.get("ensemble", {}).get("stacker") if use_stacker else None
         names = experts or (ens["experts"] if ens else available)
         unknown = [n for n in names if n not in available]
         if unknown:
