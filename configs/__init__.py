@@ -25,6 +25,8 @@ class DataConfig:
     cache_dir: str = ".cache"      # decoded face crops are cached here (keyed by file + settings)
     online_fakes: float = 0.0      # probability that a training real becomes an editing fake on the fly
     online_fake_ops: list[str] = field(default_factory=list)  # empty = all ops in data_prep.manipulations
+    fake_masks: str = "ellipse"    # ellipse (from the face box) | landmarks (dlib 68-point hull, as in SBI)
+    methods: list[str] = field(default_factory=list)  # keep only these methods (<split>_methods.csv); [] = all
     folds_csv: str = ""            # data_prep.cluster_split folds: train on fold `fold`'s split ...
     fold: int = -1                 # ... (validate on its cluster); experts export as <name>_fold<k>
 
@@ -32,7 +34,7 @@ class DataConfig:
 @dataclass
 class FaceConfig:
     enabled: bool = True
-    detector: str = "lbp"          # OpenCV's LBP frontal-face cascade (shipped in scikit-image)
+    detector: str = "lbp"          # lbp: OpenCV's LBP cascade (shipped in scikit-image) | dlib: dlib's HOG
     margin: float = 0.3            # box grown by this fraction of its size on every side
     min_face: float = 0.2          # smallest face side searched, as a fraction of the short image side
     fallback: str = "center"       # no face found: "center" crop of fallback_fraction, or "full" image
@@ -93,6 +95,7 @@ class ExpertConfig:
     pretrained: bool = False       # hub weights (needs network) ...
     pretrained_file: str = ""      # ... or a local .safetensors / .pth file
     image_size: int = 0            # 0 = data.image_size
+    patch_size: int = 0            # >0: train on random patches of this side (native resolution); whole input at test
     epochs: int = 0                # 0 = train.epochs
     lr: float = 0.0                # 0 = train.lr
     input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)
@@ -102,6 +105,7 @@ class ExpertConfig:
     drop_rate: float = 0.0
     score_weights: list[float] = field(default_factory=lambda: [0.4, 0.3, 0.3])  # DAE score mix
     noise_std: float = 0.1         # DAE input noise (0-1 pixel units)
+    grid: int = 4                  # forensic expert: statistics pooled on a grid x grid layout
 
 
 @dataclass

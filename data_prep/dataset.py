@@ -83,6 +83,32 @@ def read_labelled_split(root: Path, split: str) -> list[Sample]:
     return [Sample(images[n], labels[n]) for n in sorted(labels)]
 
 
+def read_methods_file(root: Path, split: str) -> dict[str, str]:
+    """img_name -> manipulation method from `<split>_methods.csv` (columns img_name,method;
+    method is `real` for the reals), as FaceForensics++-style data sets ship it."""
+    path = Path(root) / f"{split}_methods.csv"
+    if not path.is_file():
+        raise DataLayoutError(f"{path}: missing; data.methods needs a methods file per split")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows or [c.strip() for c in rows[0][:2]] != ["img_name", "method"]:
+        raise DataLayoutError(f"{path}: first line must be the header 'img_name,method'")
+    return {row[0].strip(): row[1].strip() for row in rows[1:] if len(row) >= 2 and row[0].strip()}
+
+
+def filter_methods(samples: list[Sample], methods_of: dict[str, str], keep: list[str],
+                   where: Path) -> list[Sample]:
+    """The samples whose method is in `keep` (reals are method `real`)."""
+    unknown = sorted({s.name for s in samples} - set(methods_of))
+    if unknown:
+        raise DataLayoutError(f"{where}: {len(unknown)} image(s) have no method row, e.g. {unknown[:3]}")
+    known = set(methods_of.values())
+    if not set(keep) <= known:
+        raise DataLayoutError(f"{where}: data.methods names {sorted(set(keep) - known)}, "
+                              f"which are not among its methods {sorted(known)}")
+    return [s for s in samples if methods_of[s.name] in keep]
+
+
 def read_unlabelled(folder: Path) -> list[Sample]:
     return [Sample(p, None) for p in list_images(folder)]
 
@@ -101,18 +127,29 @@ def holdout_split(samples: list[Sample], fraction: float, seed: int) -> tuple[li
     return sorted(train, key=key), sorted(val, key=key)
 
 
-def load_splits(root, seed: int = 0, val_fraction: float = 0.15) -> dict[str, list[Sample]]:
+def load_splits(root, seed: int = 0, val_fraction: float = 0.15, methods: list[str] | None = None,
+                allow_real_only: bool = False) -> dict[str, list[Sample]]:
     """{'trainset': [...], 'valset': [...], 'testset': [...] (may be empty)}; targets of the
-    testset are None here: evaluation reads them (`read_labelled_split(root, 'testset')`)."""
+    testset are None here: evaluation reads them (`read_labelled_split(root, 'testset')`).
+    `methods` (e.g. ['real', 'Deepfakes']) keeps only those manipulation methods in trainset
+    and valset, read from `<split>_methods.csv`: the leave-one-method-out protocols.
+    `allow_real_only`: trainset and valset may hold reals only (training makes its fakes by
+    editing them: the self-blended-images protocol)."""
     root = Path(root)
     if not root.is_dir():
         raise DataLayoutError(f"{root}: data root is not a directory")
     if (root / "trainset").is_dir() or (root / "trainset_label.txt").exists():
         train = read_labelled_split(root, "trainset")
+        if methods:
+            train = filter_methods(train, read_methods_file(root, "trainset"), methods, root / "trainset")
         if (root / "valset").is_dir():
             val = read_labelled_split(root, "valset")
+            if methods:
+                val = filter_methods(val, read_methods_file(root, "valset"), methods, root / "valset")
         else:
             train, val = holdout_split(train, val_fraction, seed)
+    elif methods:
+        raise DataLayoutError(f"{root}: data.methods needs the competition layout with <split>_methods.csv")
     elif (root / "real").is_dir() and (root / "fake").is_dir():
         pool = [Sample(p, 0) for p in list_images(root / "real")] + \
                [Sample(p, 1) for p in list_images(root / "fake")]
@@ -121,7 +158,7 @@ def load_splits(root, seed: int = 0, val_fraction: float = 0.15) -> dict[str, li
         raise DataLayoutError(f"{root}: expected trainset/ + trainset_label.txt, or real/ + fake/")
     for split, samples in (("trainset", train), ("valset", val)):
         classes = {s.target for s in samples}
-        if classes != {0, 1}:
+        if classes != {0, 1} and not (allow_real_only and classes == {0}):
             raise DataLayoutError(f"{root}: {split} needs both real (0) and fake (1) images, has {sorted(classes)}")
     test = read_unlabelled(root / "testset") if (root / "testset").is_dir() else []
     return {"trainset": train, "valset": val, "testset": test}

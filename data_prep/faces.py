@@ -1,8 +1,11 @@
 """Face crop, identical in training and inference.
 
-Detector: OpenCV's LBP frontal-face cascade. OpenCV 5's Python wheel no longer ships
-`CascadeClassifier` nor the cascade files, so we run the same OpenCV cascade through
-scikit-image's `Cascade`, which ships the XML file (nothing is downloaded).
+Detectors (`face.detector`):
+* `lbp`: OpenCV's LBP frontal-face cascade. OpenCV 5's Python wheel no longer ships
+  `CascadeClassifier` nor the cascade files, so we run the same OpenCV cascade through
+  scikit-image's `Cascade`, which ships the XML file (nothing is downloaded).
+* `dlib`: dlib's HOG frontal-face detector (data_prep.landmarks; the `dlib-bin` wheel),
+  the detector the 68-point landmarks of the editing fakes are fitted with.
 
 Crop rule: the largest detected face, grown by `margin` of its size on every side, made
 square, shifted inside the image (never padded), resized to `crop_size`. When no face is
@@ -74,9 +77,22 @@ def square_crop_box(shape_hw, face_box, cfg: FaceConfig) -> tuple[int, int, int,
     return x0, y0, x0 + side, y0 + side
 
 
+def detect_face(rgb: np.ndarray, cfg: FaceConfig) -> tuple[int, int, int, int] | None:
+    """(x, y, w, h) of the largest face by the configured detector, or None."""
+    if cfg.detector == "lbp":
+        return detect_largest_face(rgb, cfg.min_face)
+    if cfg.detector == "dlib":
+        from data_prep.landmarks import detect_face_box
+        box = detect_face_box(rgb)
+        if box is not None and min(box[2], box[3]) >= cfg.min_face * min(rgb.shape[:2]):
+            return box
+        return None
+    raise ValueError(f"face.detector must be 'lbp' or 'dlib', got {cfg.detector!r}")
+
+
 def crop_face(rgb: np.ndarray, cfg: FaceConfig) -> tuple[np.ndarray, bool]:
     """Return (crop_size x crop_size RGB crop, whether a face was found)."""
-    box = detect_largest_face(rgb, cfg.min_face) if cfg.enabled else None
+    box = detect_face(rgb, cfg) if cfg.enabled else None
     x0, y0, x1, y1 = square_crop_box(rgb.shape[:2], box, cfg)
     crop = rgb[y0:y1, x0:x1]
     size = cfg.crop_size
@@ -116,7 +132,29 @@ class FaceCropCache:
             except (OSError, ValueError):
                 pass  # a half-written cache file from a killed run: recompute it
         crop = crop_face(decode_image(path), self.cfg)[0]
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, crop, allow_pickle=False)
-        os.replace(tmp, cached)  # atomic: parallel workers never read a partial file
+        _save_atomically(cached, crop)
         return crop
+
+    def landmarks(self, path) -> np.ndarray | None:
+        """68 facial landmarks (x, y) in the face crop's pixels, or None when dlib finds no
+        face there; cached beside the crop."""
+        from data_prep.landmarks import detect_landmarks
+
+        path = Path(path)
+        cached = self.dir / (self._key(path) + ".landmarks.npy") if self.dir is not None else None
+        if cached is not None and cached.exists():
+            try:
+                points = np.load(cached, allow_pickle=False)
+                return points if len(points) else None
+            except (OSError, ValueError):
+                pass
+        points = detect_landmarks(self.load(path))
+        if cached is not None:
+            _save_atomically(cached, np.zeros((0, 2), np.float32) if points is None else points)
+        return points
+
+
+def _save_atomically(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, array, allow_pickle=False)
+    os.replace(tmp, path)  # atomic: parallel workers never read a partial file

@@ -2,7 +2,7 @@
 
 Every operation has the same signature
 
-    op(image, rng, donor=None, face_box=None) -> (fake uint8 H x W x 3, mask float32 H x W)
+    op(image, rng, donor=None, face_box=None, landmarks=None) -> (fake uint8 H x W x 3, mask float32 H x W)
 
 - `image`: H x W x 3 uint8 RGB (a real photograph); the fake has the same shape.
 - `rng`: a numpy Generator, the only source of randomness (same seed -> same bytes).
@@ -10,6 +10,8 @@ Every operation has the same signature
 - `face_box`: (x, y, w, h) of the face. None = a centred face covering the middle 60 %.
   A box partly outside the image is clipped; one (almost) entirely outside falls back to
   the centred default, so an op never fails because of a bad box.
+- `landmarks`: (68, 2) facial landmarks (data_prep.landmarks) or None; when given, the
+  blending ops (self_blend, splice, warp, color_mismatch) follow the face's outline.
 - `mask`: in [0, 1], how strongly each pixel was replaced (0 = untouched).
 
 The edits mimic the traces face-swap / face-editing pipelines leave: a blending boundary
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+
+from data_prep.landmarks import landmark_region
 
 MIN_SIDE = 8                   # smallest image side the ops accept
 MIN_FACE_SIDE = 4              # a clipped face box smaller than this falls back to the default
@@ -109,13 +113,19 @@ def _lab_to_rgb(lab: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- the soft face mask
 
-def soft_face_mask(shape_hw, face_box, rng: np.random.Generator, deform: bool = True) -> np.ndarray:
-    """Blurred ellipse inscribed in the (clipped) face box, peak 1, float32 H x W in [0, 1].
+def soft_face_mask(shape_hw, face_box, rng: np.random.Generator, deform: bool = True,
+                   landmarks=None) -> np.ndarray:
+    """Soft face-shaped mask, peak 1, float32 H x W in [0, 1]: the hull of the 68 facial
+    `landmarks` when given (data_prep.landmarks), else an ellipse inscribed in the (clipped)
+    face box.
 
-    With `deform`, the ellipse's axes, position and angle are jittered and the shape is
-    bent by a smooth elastic field, so blending boundaries do not all look the same.
+    With `deform`, the shape is jittered and bent by a smooth elastic field and blurred by a
+    random amount, so blending boundaries do not all look the same.
     """
     h, w = int(shape_hw[0]), int(shape_hw[1])
+    if landmarks is not None:
+        region, side = landmark_region((h, w), landmarks, rng)
+        return _bend_and_blur(region, rng, side, rng.uniform(0.01, 0.08) if deform else 0.04, deform)
     rect = _face_rect((h, w), face_box)
     side = _box_side(rect)
     x0, y0, x1, y1 = rect
@@ -134,12 +144,17 @@ def soft_face_mask(shape_hw, face_box, rng: np.random.Generator, deform: bool = 
     cv2.ellipse(ellipse, (round(centre[0]), round(centre[1])),
                 (max(1, round(half_axes[0])), max(1, round(half_axes[1]))),
                 angle, 0, 360, 255, thickness=-1)
-    mask = ellipse.astype(np.float32) / 255.0
+    return _bend_and_blur(ellipse.astype(np.float32) / 255.0, rng, side, blur_fraction, deform,
+                          amplitude=0.06, min_sigma=1.0)
+
+
+def _bend_and_blur(mask, rng, side: float, blur_fraction: float, deform: bool,
+                   amplitude: float = 0.04, min_sigma: float = 0.5) -> np.ndarray:
     if deform:
-        bent = _elastic_deform(mask, rng, amplitude=0.06 * side)
-        if bent.max() > 0.5:  # a deformation that (nearly) erased a tiny ellipse is dropped
+        bent = _elastic_deform(mask, rng, amplitude=amplitude * side)
+        if bent.max() > 0.5:  # a deformation that (nearly) erased a tiny shape is dropped
             mask = bent
-    sigma = max(1.0, blur_fraction * side)
+    sigma = max(min_sigma, blur_fraction * side)
     mask = cv2.GaussianBlur(mask, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
     return np.clip(_normalised(mask), 0.0, 1.0)
 
@@ -154,7 +169,7 @@ def _elastic_deform(mask: np.ndarray, rng: np.random.Generator, amplitude: float
 
 # ---------------------------------------------------------------- self_blend (SBI)
 
-def self_blend(image, rng, donor=None, face_box=None):
+def self_blend(image, rng, donor=None, face_box=None, landmarks=None):
     """Self-Blended Images (Shiohara & Yamasaki, CVPR 2022).
 
     The face of a slightly altered copy of the image (colour jitter, sharpen or blur, a
@@ -166,7 +181,7 @@ def self_blend(image, rng, donor=None, face_box=None):
     target = _jitter_colour(image, rng)
     target = _sharpen_or_blur(target, rng)
     target = _small_shift_and_scale(target, rng, rect)
-    mask = soft_face_mask(image.shape[:2], face_box, rng) * float(rng.choice(SBI_BLEND_RATIOS))
+    mask = soft_face_mask(image.shape[:2], face_box, rng, landmarks=landmarks) * float(rng.choice(SBI_BLEND_RATIOS))
     return _blend(image, target, mask), mask.astype(np.float32)
 
 
@@ -204,7 +219,7 @@ def _small_shift_and_scale(rgb: np.ndarray, rng: np.random.Generator, rect: Box)
 
 # ---------------------------------------------------------------- splice
 
-def splice(image, rng, donor=None, face_box=None):
+def splice(image, rng, donor=None, face_box=None, landmarks=None):
     """Paste the donor's face region (same place; faces assumed roughly aligned) through a
     soft mask, after matching its Lab colour statistics to this face, like a face swap."""
     image = _check_image(image)
@@ -217,7 +232,7 @@ def splice(image, rng, donor=None, face_box=None):
             shrinking = donor.shape[0] * donor.shape[1] > h * w
             donor = cv2.resize(donor, (w, h), interpolation=cv2.INTER_AREA if shrinking
                                else cv2.INTER_LINEAR)
-    mask = soft_face_mask((h, w), face_box, rng)
+    mask = soft_face_mask((h, w), face_box, rng, landmarks=landmarks)
     matched = _match_colour(donor, image, mask)
     return _blend(image, matched, mask), mask
 
@@ -255,7 +270,7 @@ def _weighted_stats(channel: np.ndarray, weights: np.ndarray, wsum: float) -> tu
 
 # ---------------------------------------------------------------- copy_move
 
-def copy_move(image, rng, donor=None, face_box=None):
+def copy_move(image, rng, donor=None, face_box=None, landmarks=None):
     """Copy a random patch of the image onto another place, with feathered edges."""
     image = _check_image(image)
     h, w = image.shape[:2]
@@ -296,7 +311,7 @@ def _feathered_rect(shape_hw, rect_yxhw) -> np.ndarray:
 
 # ---------------------------------------------------------------- resample
 
-def resample(image, rng, donor=None, face_box=None):
+def resample(image, rng, donor=None, face_box=None, landmarks=None):
     """Inner face downscaled by 0.3-0.7 and upscaled back: the blur of a low-res face swap."""
     image = _check_image(image)
     h, w = image.shape[:2]
@@ -312,11 +327,11 @@ def resample(image, rng, donor=None, face_box=None):
 
 # ---------------------------------------------------------------- warp
 
-def warp(image, rng, donor=None, face_box=None):
+def warp(image, rng, donor=None, face_box=None, landmarks=None):
     """Smooth random displacement (2-7 % of the face size) that fades out at the face edge."""
     image = _check_image(image)
     h, w = image.shape[:2]
-    mask = soft_face_mask((h, w), face_box, rng)
+    mask = soft_face_mask((h, w), face_box, rng, landmarks=landmarks)
     side = _box_side(_face_rect((h, w), face_box))
     amplitude = max(1.5, rng.uniform(0.02, 0.07) * side)
     grid = int(rng.integers(3, 6))
@@ -330,7 +345,7 @@ def warp(image, rng, donor=None, face_box=None):
 
 # ---------------------------------------------------------------- color_mismatch
 
-def color_mismatch(image, rng, donor=None, face_box=None):
+def color_mismatch(image, rng, donor=None, face_box=None, landmarks=None):
     """Face lighter/darker and tinted relative to the rest: a colour-correction failure."""
     image = _check_image(image)
     lab = _rgb_to_lab(image)
@@ -340,13 +355,13 @@ def color_mismatch(image, rng, donor=None, face_box=None):
     lab[..., 2] += sign[2] * rng.uniform(2.0, 10.0)
     lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
     shifted = np.clip(_lab_to_rgb(lab), 0.0, 255.0)
-    mask = soft_face_mask(image.shape[:2], face_box, rng)
+    mask = soft_face_mask(image.shape[:2], face_box, rng, landmarks=landmarks)
     return _blend(image, shifted, mask), mask
 
 
 # ---------------------------------------------------------------- inpaint
 
-def inpaint(image, rng, donor=None, face_box=None):
+def inpaint(image, rng, donor=None, face_box=None, landmarks=None):
     """Erase 1-3 random blobs inside the face and let OpenCV fill them (TELEA or NS)."""
     image = _check_image(image)
     h, w = image.shape[:2]
@@ -403,16 +418,16 @@ def as_rng(seed_or_rng) -> np.random.Generator:
     raise TypeError(f"expected an int seed or a numpy Generator, got {type(seed_or_rng).__name__}")
 
 
-def apply_manipulation(name, image, seed_or_rng, donor=None, face_box=None):
+def apply_manipulation(name, image, seed_or_rng, donor=None, face_box=None, landmarks=None):
     """Run one named op; returns (fake, mask)."""
     (name,) = check_names([name])
-    return MANIPULATIONS[name](image, as_rng(seed_or_rng), donor=donor, face_box=face_box)
+    return MANIPULATIONS[name](image, as_rng(seed_or_rng), donor=donor, face_box=face_box, landmarks=landmarks)
 
 
-def random_manipulation(image, rng, donor=None, face_box=None, names=None):
+def random_manipulation(image, rng, donor=None, face_box=None, names=None, landmarks=None):
     """Pick an op uniformly from `names` (default: all); returns (fake, mask, name)."""
     rng = as_rng(rng)
     names = check_names(MANIPULATIONS if names is None else names)
     name = names[int(rng.integers(len(names)))]
-    fake, mask = MANIPULATIONS[name](image, rng, donor=donor, face_box=face_box)
+    fake, mask = MANIPULATIONS[name](image, rng, donor=donor, face_box=face_box, landmarks=landmarks)
     return fake, mask, name

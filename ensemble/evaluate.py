@@ -1,6 +1,7 @@
 """Evaluate the trained detector on a labelled split (and optionally a labelled video folder).
 
     python -m ensemble.evaluate DATA_ROOT [--split valset|testset] [--weights DIR] [--reports DIR]
+    python -m ensemble.evaluate [DATA_ROOT] --test LABELLED_DIR [...]     # any labelled folder
                                [--videos VIDEO_DIR] [--frames 16] [--gradcam N] [--no-plots]
                                [profile=cpu] [key=value ...]
 
@@ -29,6 +30,12 @@ Outputs in `--reports` (default cfg.reports):
 video and scored; frame-level metrics label each frame with its video's label; video-level
 metrics aggregate the frame scores with the rules `mean` and `confidence`.
 
+`--test DIR` evaluates any labelled folder (another data set's testset, say): `X/` with
+`X_label.txt` beside it, a data root (its testset/), or `real/` + `fake/`. Thresholds still
+come from DATA_ROOT's valset when one is given, else 0.5. Where `X_methods.csv`
+(`img_name,method`) lies beside a split, the AUC of every manipulation method against all
+the reals is reported too.
+
 Exit status: 0 = done; 2 = usage error, unreadable data layout, testset without labels, or
 no usable weights.
 """
@@ -47,8 +54,9 @@ import numpy as np
 import torch
 
 from configs import Config, ConfigError
-from data_prep.dataset import DataLayoutError, Sample, load_splits, read_labelled_split
-from ensemble.metrics import choose_threshold, evaluate_scores, markdown_table
+from data_prep.dataset import (DataLayoutError, Sample, list_images, load_splits, read_labelled_split,
+                               read_methods_file)
+from ensemble.metrics import choose_threshold, evaluate_scores, markdown_table, roc_auc
 
 log = logging.getLogger("ensemble.evaluate")
 
@@ -73,19 +81,53 @@ def labelled_samples(cfg: Config, split: str) -> tuple[list[Sample], list[Sample
     if split not in SPLIT_CHOICES:
         raise EvaluationError(f"--split must be one of {SPLIT_CHOICES}, got {split!r}")
     root = Path(cfg.data_root)
-    splits = load_splits(root, seed=cfg.seed)
+    splits = load_splits(root, seed=cfg.seed, methods=cfg.data.methods)
     val = splits["valset"]
     if split == "valset":
         return val, val
     if not (root / "testset").is_dir():
         raise EvaluationError(f"{root / 'testset'}: no testset folder to evaluate (try --split valset)")
-    if not (root / "testset_label.txt").is_file():
-        raise EvaluationError(f"{root / 'testset_label.txt'}: the testset has no labels, so it cannot be "
-                              f"evaluated (try --split valset)")
-    test = read_labelled_split(root, "testset")  # the same checks as for trainset and valset
-    if not test:
-        raise EvaluationError(f"{root / 'testset'}: no images to evaluate")
-    return test, val
+    return labelled_folder(root / "testset")[0], val
+
+
+def labelled_folder(path) -> tuple[list[Sample], dict[str, str] | None]:
+    """(labelled samples, img_name -> method or None) of any labelled image folder:
+    a split folder `X/` with `X_label.txt` beside it (and optionally `X_methods.csv`), a data
+    root (its testset/), or a folder with `real/` and `fake/`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EvaluationError(f"{path}: not a directory")
+    if (path / "testset").is_dir():
+        path = path / "testset"
+    root, split = path.parent, path.name
+    if (root / f"{split}_label.txt").is_file():
+        samples = read_labelled_split(root, split)  # the same checks as for trainset and valset
+        methods = read_methods_file(root, split) if (root / f"{split}_methods.csv").is_file() else None
+    elif (path / "real").is_dir() and (path / "fake").is_dir():
+        samples = [Sample(p, 0) for p in list_images(path / "real")] + \
+                  [Sample(p, 1) for p in list_images(path / "fake")]
+        methods = None
+    else:
+        raise EvaluationError(f"{path}: no labels: expected {root / (split + '_label.txt')} "
+                              f"or the subfolders real/ and fake/")
+    if not samples:
+        raise EvaluationError(f"{path}: no images to evaluate")
+    return samples, methods
+
+
+def per_method_auc(names: list[str], y: np.ndarray, scores: dict[str, np.ndarray],
+                   methods: dict[str, str]) -> dict[str, dict[str, float]]:
+    """model -> {method: AUC of that method's fakes against all the reals}."""
+    method_of = np.array([methods.get(n, "?") for n in names])
+    table = {}
+    for model, p in scores.items():
+        row = {}
+        for method in sorted(set(method_of[y == 1])):
+            pick = (y == 0) | (method_of == method)
+            if len(set(y[pick])) == 2:
+                row[method] = float(roc_auc(y[pick], p[pick]))
+        table[model] = row
+    return table
 
 
 # ----------------------------------------------------------------------------- scores
@@ -342,6 +384,12 @@ def markdown_report(result: dict) -> str:
     if result["unreadable"]:
         lines += [f"Unreadable (excluded): {len(result['unreadable'])} file(s), listed in metrics.json.", ""]
     lines.append(markdown_table(result["models"]))
+    if result.get("per_method_auc"):
+        methods = sorted({m for row in result["per_method_auc"].values() for m in row})
+        lines += ["", "AUC per manipulation method (its fakes against all the reals):", "",
+                  "| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+        lines += [f"| {model} | " + " | ".join(f"{row.get(m, float('nan')):.4f}" for m in methods) + " |"
+                  for model, row in result["per_method_auc"].items()]
     video = result.get("video")
     if video:
         lines += ["", f"## Videos: frame level ({video['n_frames']} frames of {video['n_videos']} videos)", "",
@@ -357,32 +405,44 @@ def markdown_report(result: dict) -> str:
 # ----------------------------------------------------------------------------- entry points
 
 def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, videos=None,
-             gradcam: int = 4, plots: bool = True, frames: int = 16) -> dict:
-    """Evaluate the detector in `weights` (default cfg.out) on `split` of cfg.data_root; write
-    metrics.json, metrics.md, scores.csv and the plots to `reports` (default cfg.reports);
-    return what metrics.json holds."""
+             gradcam: int = 4, plots: bool = True, frames: int = 16, test=None) -> dict:
+    """Evaluate the detector in `weights` (default cfg.out) on `split` of cfg.data_root, or on
+    the labelled folder `test` (see `labelled_folder`); write metrics.json, metrics.md,
+    scores.csv and the plots to `reports` (default cfg.reports); return what metrics.json
+    holds. Thresholds come from cfg.data_root's valset; with `test` and no data root, 0.5."""
     from ensemble.predictor import Detector
 
-    if not cfg.data_root:
-        raise EvaluationError("no data root: python -m ensemble.evaluate DATA_ROOT [options]")
+    if not cfg.data_root and test is None:
+        raise EvaluationError("no data root: python -m ensemble.evaluate DATA_ROOT [options] "
+                              "(or --test LABELLED_DIR)")
     if videos is not None and not Path(videos).is_dir():
         raise EvaluationError(f"{videos}: --videos is not a directory")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     weights = Path(weights or cfg.out)
     reports = Path(reports or cfg.reports)
-    samples, val_samples = labelled_samples(cfg, split)
+    methods = None
+    if test is not None:
+        samples, methods = labelled_folder(test)
+        split = str(test)
+        val_samples = labelled_samples(cfg, "valset")[1] if cfg.data_root else []
+    else:
+        samples, val_samples = labelled_samples(cfg, split)
+        if split == "testset":
+            methods = labelled_folder(Path(cfg.data_root) / "testset")[1]
 
     detector = Detector.from_weights(weights, device=cfg.device)
     keep, y, features, unreadable = score_split(detector, samples, cfg, split)
     if split == "valset":
         y_val, val_features, val_unreadable = y, features, unreadable
-    else:
+    elif val_samples:
         _, y_val, val_features, val_unreadable = score_split(detector, val_samples, cfg, "valset")
+    else:  # a foreign test folder and no data root: no validation split to set thresholds
+        y_val, val_features, val_unreadable = None, features, []
 
     val_scores = model_scores(detector, val_features, val_features)
     scores = model_scores(detector, features, val_features)
-    thresholds = thresholds_from(y_val, val_scores)
+    thresholds = thresholds_from(y_val, val_scores) if y_val is not None else dict.fromkeys(scores, 0.5)
     models = metrics_table(y, scores, thresholds)
 
     stacker = detector.stacker
@@ -394,17 +454,19 @@ def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, vi
     result = {
         "split": split, "data_root": str(cfg.data_root), "weights": str(weights),
         "n_images": len(samples), "n_scored": int(len(keep)), "n_fake": int(y.sum()),
-        "unreadable": unreadable, "threshold_split": "valset",
-        "n_valset_scored": int(len(y_val)), "unreadable_valset": val_unreadable if split != "valset" else [],
+        "unreadable": unreadable, "threshold_split": "valset" if y_val is not None else "none (0.5)",
+        "n_valset_scored": int(len(y_val)) if y_val is not None else 0, "unreadable_valset": val_unreadable if split != "valset" else [],
         "experts": list(detector.experts), "baselines": list(BASELINES), "ensemble_name": ENSEMBLE,
         "tta": list(detector.tta),
         "stacker": {"method": method, "cv_auc": dict(getattr(stacker, "cv_auc_", {}) or {})},
         "thresholds": thresholds, "note": note, "models": models,
     }
+    names = [samples[i].name for i in keep]
+    if methods:
+        result["per_method_auc"] = per_method_auc(names, y, scores, methods)
     if videos is not None:
         result["video"] = evaluate_videos(detector, videos, thresholds, val_features, frames)
 
-    names = [samples[i].name for i in keep]
     write_scores_csv(reports / "scores.csv", names, y, scores)
     _write_atomically(reports / "metrics.json", json.dumps(_json_safe(result), indent=2))
     _write_atomically(reports / "metrics.md", markdown_report(result))
@@ -422,6 +484,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("rest", nargs="*", metavar="DATA_ROOT [profile=P] [key=value ...]",
                         help="data root, then config overrides as for ensemble.fit")
     parser.add_argument("--split", default="testset", choices=SPLIT_CHOICES)
+    parser.add_argument("--test", metavar="DIR", help="evaluate any labelled folder instead of a split: "
+                        "X/ with X_label.txt beside it, a data root, or real/ + fake/")
     parser.add_argument("--weights", help="trained weights folder (default: cfg.out)")
     parser.add_argument("--reports", help="output folder (default: cfg.reports)")
     parser.add_argument("--videos", help="labelled video folder (labels.csv: video_name,target)")
@@ -448,7 +512,7 @@ def main(argv=None) -> int:
             raise EvaluationError("--frames must be >= 1 and --gradcam >= 0")
         cfg, _ = config_from_argv(args.rest)
         result = evaluate(cfg, args.split, args.weights, args.reports, args.videos,
-                          args.gradcam, not args.no_plots, args.frames)
+                          args.gradcam, not args.no_plots, args.frames, args.test)
     except (EvaluationError, WeightsError, DataLayoutError, VideoLabelError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ def config_from_argv(argv: list[str]) -> tuple[Config, list[str]]:
 
 
 def fit_ensemble(cfg: Config) -> dict:
-    splits = load_splits(cfg.data_root, seed=cfg.seed)
+    splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods)
     detector = Detector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta, use_stacker=False)
     val = splits["valset"]
     _, features, errors = score_samples(detector, [s.path for s in val], cfg.train.batch_size,

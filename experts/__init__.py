@@ -3,4 +3,4 @@
 Importing this package registers every expert kind, so `create_expert(cfg, size)` finds it.
 """
 from experts.base import EXPERTS, Expert, create_expert, register_expert  # noqa: F401
-from experts import clip_vit, convnext, dae, efficientnet, resnet  # noqa: F401  (registration)
+from experts import clip_vit, convnext, dae, efficientnet, forensic, mesonet, resnet  # noqa: F401  (registration)

@@ -140,39 +140,56 @@ class FaceCropDataset(Dataset):
     """(uint8 tensor 3 x S x S, label). Training: augmentations and, with probability
     `online_fakes`, a real turned into an editing fake (label 1) on the fly."""
 
-    def __init__(self, samples, crops: FaceCropCache, size: int, cfg: Config, train: bool):
+    def __init__(self, samples, crops: FaceCropCache, size: int, cfg: Config, train: bool,
+                 paired_fakes: bool = False, patch_size: int = 0):
         self.samples, self.crops, self.size, self.train = samples, crops, size, train
+        # paired_fakes (evaluation of a reals-only split): after the n samples come n editing
+        # fakes, one made from each real with a fixed seed, so every epoch sees the same ones.
+        self.paired = paired_fakes
         self.seed, self.epoch = cfg.seed, 0
         self.augment = train_augmentations(cfg.augment, size) if train else None
         self.online_fakes = cfg.data.online_fakes if train else 0.0
         self.fake_ops = cfg.data.online_fake_ops or None
+        self.fake_masks = cfg.data.fake_masks
         self.real_indices = [i for i, s in enumerate(samples) if s.target == 0]
         self.margin = cfg.face.margin
+        self.patch = patch_size if train and 0 < patch_size < size else 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.samples) * (2 if self.paired else 1)
 
     def __getitem__(self, i):
+        if i >= len(self.samples):  # a paired fake
+            i -= len(self.samples)
+            rng = np.random.default_rng(sample_seed(self.seed, 1 << 21, i))
+            image, target = self.make_fake(i, self.crops.load(self.samples[i].path), rng)
+            return to_tensor(resize_square(image, self.size)), target
         sample = self.samples[i]
         image, target = self.crops.load(sample.path), sample.target
         if self.train:
             rng = np.random.default_rng(sample_seed(self.seed, self.epoch, i))
             if target == 0 and self.online_fakes > 0 and rng.random() < self.online_fakes:
-                image, target = self.make_fake(image, rng)
+                image, target = self.make_fake(i, image, rng)
             self.augment.set_random_seed(int(rng.integers(2**31)))
-            image = self.augment(image=image)["image"]
+            image = resize_square(self.augment(image=image)["image"], self.size)
+            if self.patch:  # a native-resolution patch; evaluation sees the whole input
+                y0, x0 = rng.integers(0, self.size - self.patch + 1, size=2)
+                image = image[y0:y0 + self.patch, x0:x0 + self.patch]
+            return to_tensor(image), target
         return to_tensor(resize_square(image, self.size)), target
 
-    def make_fake(self, image, rng):
+    def make_fake(self, i, image, rng):
         from data_prep.manipulations import random_manipulation
         donor = self.crops.load(self.samples[int(rng.choice(self.real_indices))].path)
         side = image.shape[0]
         face = round(side / (1 + 2 * self.margin))  # the crop is centred on the face box
         box = ((side - face) // 2, (side - face) // 2, face, face)
-        fake, _mask, _name = random_manipulation(image, rng, donor=donor, face_box=box, names=self.fake_ops)
+        points = self.crops.landmarks(self.samples[i].path) if self.fake_masks == "landmarks" else None
+        fake, _mask, _name = random_manipulation(image, rng, donor=donor, face_box=box, names=self.fake_ops,
+                                                 landmarks=points)
         return fake, 1
 
 
@@ -273,10 +290,13 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name:
     train_samples = splits["trainset"]
     if expert.trains_on_real_only:
         train_samples = [s for s in train_samples if s.target == 0]
-    train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True)
+    train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True, patch_size=ecfg.patch_size)
     if expert.trains_on_real_only:
         train_set.online_fakes = 0.0  # a real-only model must never see an editing fake
-    val_set = FaceCropDataset(splits["valset"], crops, size, cfg, train=False)
+    # A reals-only valset (training on reals + editing fakes) is validated on its reals and
+    # an editing fake of each: model selection never sees a fake of the data set.
+    val_real_only = all(s.target == 0 for s in splits["valset"])
+    val_set = FaceCropDataset(splits["valset"], crops, size, cfg, train=False, paired_fakes=val_real_only)
     sampler = EpochSampler([s.target for s in train_samples], cfg.train.balanced_sampling and
                            not expert.trains_on_real_only, cfg.seed, rt.rank, rt.world)
     train_loader = make_loader(train_set, cfg, sampler)
@@ -438,7 +458,8 @@ def main(argv=None) -> int:
     if not cfg.data_root:
         raise SystemExit("error: no data root: python -m experts.train DATA_ROOT [key=value ...]")
     rt = setup_runtime(cfg)
-    splits = load_splits(cfg.data_root, seed=cfg.seed)
+    splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods,
+                         allow_real_only=cfg.data.online_fakes > 0)
     suffix = ""
     if cfg.data.folds_csv:  # leave-one-cluster-out: fold k validates on cluster k
         from data_prep.cluster_split import fold_samples

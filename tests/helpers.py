@@ -12,6 +12,7 @@ TINY_MODELS = {
     "dae": "test_resnet",
     "resnet": "test_resnet",
 }
+SIZED_EXPERTS = ("mesonet", "forensic")  # not timm models: their profile input size is reduced instead
 
 
 def tiny_overrides(tmp_path, epochs: int = 2, experts: str | None = None, cache_dir=None) -> list[str]:
@@ -28,6 +29,7 @@ def tiny_overrides(tmp_path, epochs: int = 2, experts: str | None = None, cache_
     ]
     out += [f"expert.{name}.model={model}" for name, model in TINY_MODELS.items()]
     out += [f"expert.{name}.epochs={epochs}" for name in TINY_MODELS]  # profiles may set more
+    out += [f"expert.{name}.image_size=64" for name in SIZED_EXPERTS]  # native-size experts: small here
     if experts:
         out.append(f"experts={experts}")
     return out

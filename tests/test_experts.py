@@ -19,10 +19,12 @@ CASES = [
     ("clip", "test_vit", "all"),
     ("dae", "test_resnet", "all"),
     ("resnet", "test_resnet", "all"),
+    ("mesonet", "mesonet4", "all"),
+    ("forensic", "stats", "all"),
 ]
 IDS = [f"{k}-{t}" for k, _, t in CASES]
 SRM_CASES = [("resnet", "test_resnet"), ("convnext", "test_convnext"), ("efficientnet", "test_efficientnet"),
-             ("clip", "test_vit")]
+             ("clip", "test_vit"), ("mesonet", "mesonet4")]
 
 
 def make(kind, model, trainable="all", **kw):
@@ -36,7 +38,15 @@ def batch(n=4, size=SIZE):
 
 
 def test_registry_holds_the_four_kinds():
-    assert {"convnext", "efficientnet", "clip", "dae", "resnet"} <= set(EXPERTS)
+    assert {"convnext", "efficientnet", "clip", "dae", "resnet", "mesonet"} <= set(EXPERTS)
+
+
+def test_mesonet4_is_the_papers_size():
+    expert = create_expert(ExpertConfig(kind="mesonet"), 256)
+    counted = sum(p.numel() for n, p in expert.named_parameters() if not n.startswith("projector."))
+    assert 27_000 < counted < 29_000  # Afchar et al.: 27,977 at 256 px (one output; here two)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        create_expert(ExpertConfig(kind="mesonet"), 100)
 
 
 @pytest.mark.parametrize("kind,model", SRM_CASES)
@@ -71,7 +81,8 @@ def test_expert_interface(kind, model, trainable):
     assert p.shape == (4,) and ((p >= 0) & (p <= 1)).all()
     torch.testing.assert_close(p, logits.float().softmax(1)[:, 1])
     assert z.ndim == 2 and z.shape[0] == 4 and z.shape[1] > 0
-    assert isinstance(expert.gradcam_layer(), nn.Module)
+    if kind != "forensic":  # fixed statistics: no learned spatial map to explain
+        assert isinstance(expert.gradcam_layer(), nn.Module)
     # normalisation travels with the weights
     assert "mean" in expert.state_dict() and "std" in expert.state_dict()
 

@@ -107,6 +107,21 @@ def test_crop_face_on_astronaut_is_centred_on_face(astronaut):
     assert x0 <= x and y0 <= y and x1 >= x + w and y1 >= y + h
 
 
+def test_dlib_detector_finds_the_same_face(astronaut):
+    from data_prep.faces import detect_face
+    lbp = detect_largest_face(astronaut)
+    box = detect_face(astronaut, FaceConfig(detector="dlib"))
+    assert box is not None
+    # the two detectors agree on where the face is (centres within a quarter face)
+    assert abs((box[0] + box[2] / 2) - (lbp[0] + lbp[2] / 2)) < lbp[2] / 4
+    assert abs((box[1] + box[3] / 2) - (lbp[1] + lbp[3] / 2)) < lbp[3] / 4
+    crop, found = crop_face(astronaut, FaceConfig(detector="dlib", crop_size=64))
+    assert found and crop.shape == (64, 64, 3)
+    assert detect_face(np.zeros((100, 100, 3), np.uint8), FaceConfig(detector="dlib")) is None
+    with pytest.raises(ValueError, match="face.detector"):
+        detect_face(astronaut, FaceConfig(detector="yolo"))
+
+
 def test_no_face_in_noise_or_tiny_image():
     assert detect_largest_face(np.zeros((100, 100, 3), np.uint8)) is None
     assert detect_largest_face(np.full((16, 16, 3), 128, np.uint8)) is None

