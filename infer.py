@@ -45,33 +45,62 @@ def parse_args(argv):
     parser.add_argument("--video-rule", default="confidence", choices=["mean", "median", "confidence", "max"])
     parser.add_argument("--tta", help="override test-time augmentation, e.g. 'hflip' or 'none'")
     parser.add_argument("--strict", action="store_true", help="fail on the first unreadable file")
+    parser.add_argument("--recursive", action="store_true",
+                        help="also score the subfolders of a folder (img_name = path relative to it)")
     return parser.parse_args(argv)
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """(files to score, error messages for inputs that match nothing)."""
+def expand_inputs(inputs: list[str], recursive: bool = False) -> tuple[list[Path], list[str], dict[Path, str]]:
+    """(files to score, error messages for inputs that match nothing, {file: CSV name}).
+
+    In a folder, every entry *named* like an image or video is an input, whatever it turns
+    out to be (a dangling link, a directory, an unreadable file): it gets a row and a named
+    error rather than vanishing from the submission. Subfolders are scored with `recursive`
+    (CSV name: the path relative to the folder, so two x.jpg stay distinct), else counted
+    and reported as skipped."""
     from data_prep.images import is_image_file
     from data_prep.video import is_video_file
 
-    def media(folder: Path):
-        return sorted((p for p in folder.iterdir() if p.is_file() and (is_image_file(p) or is_video_file(p))),
-                      key=lambda p: p.name)
+    def looks_like_media(p: Path) -> bool:
+        return is_image_file(p) or is_video_file(p)
 
-    files, problems = [], []
+    files, problems, names = [], [], {}
+
+    def add_folder(folder: Path, base: Path) -> None:
+        try:
+            entries = sorted(folder.iterdir(), key=lambda p: p.name)
+        except OSError as err:
+            problems.append(f"{folder}: cannot list this folder ({err.strerror or err})")
+            return
+        skipped = 0
+        for entry in entries:
+            if looks_like_media(entry):
+                files.append(entry)
+                names[entry] = entry.relative_to(base).as_posix()
+            elif entry.is_dir():
+                if recursive:
+                    add_folder(entry, base)
+                else:
+                    skipped += 1
+        if skipped:
+            problems.append(f"{folder}: {skipped} subfolder(s) not scored (use --recursive)")
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += media(path)
+            add_folder(path, path)
         elif path.exists():
             files.append(path)  # named explicitly: try it whatever its extension
         elif any(ch in item for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
-            files += [m for m in matches if m.is_file() and (is_image_file(m) or is_video_file(m))]
+            files += [m for m in matches if looks_like_media(m)]
             if not matches:
                 problems.append(f"{item}: no file matches this pattern")
+        elif path.is_symlink():
+            files.append(path)  # a dangling link named explicitly: its row says so
         else:
             problems.append(f"{item}: no such file or directory")
-    return files, problems
+    return files, problems, {f: names.get(f, f.name) for f in files}
 
 
 def score_images(detector, paths, args, on_error) -> dict[Path, float]:
@@ -128,7 +157,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    files, problems = expand_inputs(args.inputs)
+    files, problems, names = expand_inputs(args.inputs, args.recursive)
     for message in problems:
         print(f"warning: {message}", file=sys.stderr)
     errors: dict[Path, str] = {}
@@ -147,17 +176,21 @@ def main(argv=None) -> int:
                 scores[video] = score_video(detector, video, args)
             except VideoDecodeError as err:
                 on_error(video, str(err))
+            except OSError as err:  # a dangling link, a folder named like a video, ...
+                on_error(video, f"{video}: cannot read ({err.strerror or err})")
     except StrictStop:
         print("error: stopped (--strict); no CSV written", file=sys.stderr)
         return 1
 
+    counts = f"{len(files)} input(s): {len(scores)} scored, {len(files) - len(scores)} failed"
     if args.csv is None:
         for path in files:
             if path in scores:
                 print(f"Prediction of [{path}] being Deepfake: {scores[path]:.6f}")
+        print(counts, file=sys.stderr)
         return 1 if errors or problems or not files else 0
 
-    rows = [(p.name, scores.get(p, FALLBACK_SCORE)) for p in files]
+    rows = [(names[p], scores.get(p, FALLBACK_SCORE)) for p in files]
     rows.sort(key=lambda r: r[0])
     only_videos = bool(files) and all(is_video_file(p) for p in files)
     write_csv_atomically(args.csv, rows, "video_name" if only_videos else "img_name")
@@ -166,9 +199,8 @@ def main(argv=None) -> int:
         error_file.write_text("".join(f"{m.splitlines()[0]}\n" for m in errors.values()))
     elif error_file.exists():
         error_file.unlink()  # a stale list from an earlier run would mislead
-    print(f"wrote {len(rows)} rows to {args.csv}" +
-          (f" ({len(errors)} unreadable, listed in {error_file}, scored {FALLBACK_SCORE})" if errors else ""),
-          file=sys.stderr)
+    print(f"wrote {len(rows)} rows to {args.csv}; {counts}" +
+          (f" (listed in {error_file}, scored {FALLBACK_SCORE})" if errors else ""), file=sys.stderr)
     return 0
 
 

@@ -588,7 +588,7 @@ def measure(args, tmp: Path) -> tuple[dict, int]:
     from data_prep.video import is_video_file
     from experts.weights import WeightsError
 
-    files, _ = infer.expand_inputs([str(args.image_dir)])
+    files, _, _ = infer.expand_inputs([str(args.image_dir)])
     all_images = [p for p in files if not is_video_file(p)]
     images = all_images[: args.limit] if args.limit else all_images
     if not images:

@@ -40,6 +40,7 @@ class FaceConfig:
     fallback: str = "center"       # no face found: "center" crop of fallback_fraction, or "full" image
     fallback_fraction: float = 0.7
     crop_size: int = 192           # crops are cached at this side; the input transform resizes later
+    shrink: str = "resize"         # box larger than crop_size: resize it down, or keep its "center" window
 
 
 @dataclass
@@ -84,6 +85,7 @@ class TrainConfig:
 class EnsembleConfig:
     method: str = "auto"           # auto | lgbm | logreg | mean | rank_mean (auto: best CV AUC)
     cv: int = 5                    # folds of the meta-learner's own cross-validation
+    editing_fakes: float = 0.0     # share of validation reals also fitted on as an editing fake of itself
     folds_csv: str = ""            # cluster folds (data_prep.cluster_split): out-of-fold stacking
 
 

@@ -8,7 +8,9 @@ Detectors (`face.detector`):
   the detector the 68-point landmarks of the editing fakes are fitted with.
 
 Crop rule: the largest detected face, grown by `margin` of its size on every side, made
-square, shifted inside the image (never padded), resized to `crop_size`. When no face is
+square, shifted inside the image (never padded), resized to `crop_size`; with
+`shrink: center` a box larger than `crop_size` is not shrunk: its central `crop_size`
+window is kept at native resolution. When no face is
 found, `fallback="center"` takes a centred square of `fallback_fraction` of the short side
 (photographs of people are usually centred); `fallback="full"` resizes the whole image.
 With `enabled=false` every image goes through the fallback rule.
@@ -94,8 +96,15 @@ def crop_face(rgb: np.ndarray, cfg: FaceConfig) -> tuple[np.ndarray, bool]:
     """Return (crop_size x crop_size RGB crop, whether a face was found)."""
     box = detect_face(rgb, cfg) if cfg.enabled else None
     x0, y0, x1, y1 = square_crop_box(rgb.shape[:2], box, cfg)
-    crop = rgb[y0:y1, x0:x1]
     size = cfg.crop_size
+    if cfg.shrink == "center" and y1 - y0 > size:
+        # keep the pixels: the central crop_size window of a larger face box, not a shrunk copy
+        # (resampling blurs the noise and JPEG-grid traces the detectors look for)
+        x0, y0 = x0 + (x1 - x0 - size) // 2, y0 + (y1 - y0 - size) // 2
+        x1, y1 = x0 + size, y0 + size
+    elif cfg.shrink not in ("resize", "center"):
+        raise ValueError(f"face.shrink must be 'resize' or 'center', got {cfg.shrink!r}")
+    crop = rgb[y0:y1, x0:x1]
     interp = cv2.INTER_AREA if crop.shape[0] > size else cv2.INTER_CUBIC
     return np.ascontiguousarray(cv2.resize(crop, (size, size), interpolation=interp)), box is not None
 

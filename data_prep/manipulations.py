@@ -424,6 +424,16 @@ def apply_manipulation(name, image, seed_or_rng, donor=None, face_box=None, land
     return MANIPULATIONS[name](image, as_rng(seed_or_rng), donor=donor, face_box=face_box, landmarks=landmarks)
 
 
+def fake_from_face_crop(crop, rng, donor, margin: float, names=None, landmarks=None):
+    """An editing fake of a square face crop made by `data_prep.faces` (the face box grown by
+    `margin` on every side, centred), as training and the stacker's fitting make them;
+    returns (fake, mask, op name)."""
+    side = crop.shape[0]
+    face = round(side / (1 + 2 * margin))
+    box = ((side - face) // 2, (side - face) // 2, face, face)
+    return random_manipulation(crop, rng, donor=donor, face_box=box, names=names, landmarks=landmarks)
+
+
 def random_manipulation(image, rng, donor=None, face_box=None, names=None, landmarks=None):
     """Pick an op uniformly from `names` (default: all); returns (fake, mask, name)."""
     rng = as_rng(rng)

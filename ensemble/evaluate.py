@@ -390,6 +390,12 @@ def markdown_report(result: dict) -> str:
                   "| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
         lines += [f"| {model} | " + " | ".join(f"{row.get(m, float('nan')):.4f}" for m in methods) + " |"
                   for model, row in result["per_method_auc"].items()]
+    corr = result.get("expert_correlation")
+    if corr:
+        names = list(corr)
+        lines += ["", "Pearson correlation of the experts' scores:", "",
+                  "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        lines += [f"| {a} | " + " | ".join(f"{corr[a][b]:.2f}" for b in names) + " |" for a in names]
     video = result.get("video")
     if video:
         lines += ["", f"## Videos: frame level ({video['n_frames']} frames of {video['n_videos']} videos)", "",
@@ -464,6 +470,11 @@ def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, vi
     names = [samples[i].name for i in keep]
     if methods:
         result["per_method_auc"] = per_method_auc(names, y, scores, methods)
+    if len(detector.experts) > 1 and len(keep) > 2:
+        # How differently the experts see the faces: an ensemble gains only from disagreement.
+        corr = np.corrcoef(np.stack([scores[n] for n in detector.experts]))
+        result["expert_correlation"] = {a: {b: float(corr[i, j]) for j, b in enumerate(detector.experts)}
+                                        for i, a in enumerate(detector.experts)}
     if videos is not None:
         result["video"] = evaluate_videos(detector, videos, thresholds, val_features, frames)
 

@@ -5,7 +5,10 @@
 Hold-out blending: every expert scores the validation split, which none of them trained on
 (it only chose each expert's best epoch), and the meta-learner is fitted on those scores.
 `ensemble.method=auto` compares LightGBM, logistic regression, the plain mean and the rank
-mean by the meta-learner's own cross-validated AUC and keeps the best. The result goes to
+mean by the meta-learner's own cross-validated AUC and keeps the best. With
+`ensemble.editing_fakes=F`, a fraction F of the validation reals also enters the fit as an
+editing fake of itself: fakes of no method the experts were trained on, so that the
+meta-learner rewards the experts that catch unseen manipulations. The result goes to
 `<out>/ensemble.json` (JSON, no pickle) and the manifest.
 """
 from __future__ import annotations
@@ -19,9 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from configs import Config, load_config
-from data_prep.dataset import load_splits
+import torch
+
+from data_prep.dataset import Sample, load_splits
+from data_prep.faces import FaceCropCache
+from data_prep.images import ImageDecodeError
+from data_prep.manipulations import fake_from_face_crop
+from data_prep.transforms import resize_square, to_tensor
 from ensemble.predictor import ENSEMBLE_FILE, Detector, score_samples
 from ensemble.stacking import StackingEnsemble, assemble_oof_matrix
+from experts.train import sample_seed
 from experts.weights import sha256_file, update_manifest
 
 log = logging.getLogger("ensemble.fit")
@@ -35,6 +45,30 @@ def config_from_argv(argv: list[str]) -> tuple[Config, list[str]]:
     if positional:
         overrides.append(f"data_root={positional[0]}")
     return load_config(profile, overrides), positional
+
+
+def editing_fake_features(detector: Detector, reals: list[Sample], cfg: Config) -> np.ndarray:
+    """Expert features of one seeded editing fake per real (as training makes them, from the
+    same cached face crops): fakes of no method of the data set, so that the meta-learner
+    does not learn to trust only the expert that knows the data set's own methods."""
+    crops = FaceCropCache(detector.face, cfg.data.cache_dir)
+    rows = []
+    for start in range(0, len(reals), cfg.train.batch_size):
+        fakes = []
+        for index in range(start, min(start + cfg.train.batch_size, len(reals))):
+            rng = np.random.default_rng(sample_seed(cfg.seed, 1 << 22, index))
+            try:
+                crop = crops.load(reals[index].path)
+                donor = crops.load(reals[int(rng.integers(len(reals)))].path)
+            except ImageDecodeError:
+                continue  # already reported when the real itself was scored
+            points = crops.landmarks(reals[index].path) if cfg.data.fake_masks == "landmarks" else None
+            fakes.append(fake_from_face_crop(crop, rng, donor, detector.face.margin,
+                                             cfg.data.online_fake_ops or None, points)[0])
+        if fakes:
+            rows.append(detector.expert_features(
+                {s: torch.stack([to_tensor(resize_square(f, s)) for f in fakes]) for s in detector.input_sizes}))
+    return np.concatenate(rows) if rows else np.zeros((0, len(detector.feature_names())))
 
 
 def fit_ensemble(cfg: Config) -> dict:
@@ -51,6 +85,13 @@ def fit_ensemble(cfg: Config) -> dict:
     trained = {s.name for s in splits["trainset"]}
     expert_scores = {col: dict(zip(names, features[keep, j])) for j, col in enumerate(columns)}
     X = assemble_oof_matrix(expert_scores, {col: trained for col in columns}, names)
+    n_editing = 0
+    if cfg.ensemble.editing_fakes > 0:
+        reals = [val[i] for i in keep if val[i].target == 0]
+        rng = np.random.default_rng(cfg.seed)
+        chosen = sorted(rng.permutation(len(reals))[: round(cfg.ensemble.editing_fakes * len(reals))])
+        extra = editing_fake_features(detector, [reals[i] for i in chosen], cfg)
+        X, y, n_editing = np.vstack([X, extra]), np.concatenate([y, np.ones(len(extra), int)]), len(extra)
 
     stacker = StackingEnsemble(method=cfg.ensemble.method, cv=cfg.ensemble.cv, random_state=cfg.seed,
                                feature_names=columns).fit(X, y)
@@ -61,7 +102,9 @@ def fit_ensemble(cfg: Config) -> dict:
     os.replace(tmp, path)
     entry = {"file": path.name, "sha256": sha256_file(path), "experts": list(detector.experts),
              "tta": detector.tta, "method": stacker.method_, "feature_names": columns,
-             "cv_auc": stacker.cv_auc_, "fitted_on": f"valset ({len(y)} images, hold-out)"}
+             "cv_auc": stacker.cv_auc_,
+             "fitted_on": f"valset ({len(y) - n_editing} images, hold-out)"
+                          + (f" + {n_editing} editing fakes of its reals" if n_editing else "")}
     update_manifest(out, "ensemble", "stacker", entry)
     log.info("stacker: %s (cross-validated AUC %s) -> %s", stacker.method_,
              {k: round(v, 4) for k, v in stacker.cv_auc_.items()}, path)

@@ -182,14 +182,10 @@ class FaceCropDataset(Dataset):
         return to_tensor(resize_square(image, self.size)), target
 
     def make_fake(self, i, image, rng):
-        from data_prep.manipulations import random_manipulation
+        from data_prep.manipulations import fake_from_face_crop
         donor = self.crops.load(self.samples[int(rng.choice(self.real_indices))].path)
-        side = image.shape[0]
-        face = round(side / (1 + 2 * self.margin))  # the crop is centred on the face box
-        box = ((side - face) // 2, (side - face) // 2, face, face)
         points = self.crops.landmarks(self.samples[i].path) if self.fake_masks == "landmarks" else None
-        fake, _mask, _name = random_manipulation(image, rng, donor=donor, face_box=box, names=self.fake_ops,
-                                                 landmarks=points)
+        fake, _mask, _name = fake_from_face_crop(image, rng, donor, self.margin, self.fake_ops, points)
         return fake, 1
 
 

@@ -21,10 +21,12 @@ def test_profiles_load_with_typed_values(profile):
 
 def test_cpu_profile_values_and_defaults():
     cfg = load_config("cpu")
-    assert cfg.experts == ["resnet", "convnext", "efficientnet", "clip", "dae"]
+    assert cfg.experts == ["forensic", "mesonet", "resnet", "dae"]
     assert cfg.train.lr == pytest.approx(0.002)
     assert cfg.train.amp == "off"
-    assert cfg.face.crop_size == 128 and cfg.face.margin == pytest.approx(0.15)
+    assert cfg.face.crop_size == 256 and cfg.face.shrink == "center" and cfg.face.detector == "dlib"
+    assert cfg.data.fake_masks == "landmarks"
+    assert cfg.expert["forensic"].image_size == 256 and cfg.expert["mesonet"].image_size == 256
     assert cfg.expert["clip"].trainable == "all"
     assert cfg.expert["resnet"].input_filter == "srm" and cfg.expert["resnet"].epochs == 8
     assert cfg.data.online_fakes == pytest.approx(0.2)

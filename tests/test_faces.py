@@ -81,6 +81,17 @@ def test_crop_face_output_shape(shape, fallback):
     assert found is False
 
 
+def test_shrink_center_keeps_native_pixels():
+    image = gradient(120, 120)
+    cfg = FaceConfig(enabled=False, fallback="full", crop_size=50, shrink="center")
+    crop, _ = crop_face(image, cfg)
+    np.testing.assert_array_equal(crop, image[35:85, 35:85])  # the central window, not resized
+    small = FaceConfig(enabled=False, fallback="full", crop_size=200, shrink="center")
+    assert crop_face(image, small)[0].shape == (200, 200, 3)  # smaller boxes are still enlarged
+    with pytest.raises(ValueError, match="face.shrink"):
+        crop_face(image, FaceConfig(enabled=False, shrink="squash"))
+
+
 def test_crop_face_disabled_uses_center_rule():
     image = gradient(100, 100)
     crop, _ = crop_face(image, FaceConfig(enabled=False, crop_size=50, fallback_fraction=0.5))
@@ -221,3 +232,15 @@ def test_broken_file_raises_decode_error(tmp_path, content, image_file):
         cache.load(path)
     assert str(path) in str(err.value)
     assert not list((tmp_path / "cache").rglob("*.npy"))
+
+
+def test_face_detector_bench(tmp_path, astronaut, capsys):
+    from bench import face_detectors
+
+    Image.fromarray(astronaut).save(tmp_path / "a_face.png")
+    Image.fromarray(gradient(200, 200)).save(tmp_path / "b_noise.png")
+    assert face_detectors.main([str(tmp_path), "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    for name in ("lbp", "dlib", "dlib + 68 landmarks"):
+        assert f"| {name} | 50.0 % |" in out
+    assert face_detectors.main([str(tmp_path / "missing")]) == 2

@@ -108,6 +108,14 @@ def test_bench_protocols_end_to_end(methods_root, tmp_path):
     manifest = json.loads((work / "c" / "weights" / "manifest.json").read_text())
     data = manifest["experts"]["resnet"]["training"]["data"]
     assert data["trainset"]["n_fake"] == 0 and data["valset"]["n_fake"] == 0
+    # any labelled folder, without a data root: thresholds fall back to 0.5
+    reports = tmp_path / "foreign"
+    assert ev.main(["--test", str(methods_root / "testset"), "--weights", str(work / "a" / "weights"),
+                    "--reports", str(reports), "--no-plots", *overrides]) == 0
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert metrics["threshold_split"] == "none (0.5)" and set(metrics["thresholds"].values()) == {0.5}
+    assert metrics["per_method_auc"]["resnet"]["Alpha"] == pytest.approx(result["a"]["resnet"]["Alpha"])
+    assert "AUC per manipulation method" in (reports / "metrics.md").read_text()
     text = (work / "generalization.md").read_text()
     assert "(a) in distribution" in text and "(b) leave one method out" in text
     assert "(c) reals + editing fakes only" in text and "(d) cross-dataset" in text

@@ -108,6 +108,17 @@ def test_fit_adds_the_stacker(trained):
     assert manifest["experts"] == before["experts"]
 
 
+def test_fit_with_editing_fakes_of_the_validation_reals(trained, demo_root, tmp_path):
+    from data_prep.dataset import load_splits
+    weights = copy_weights(trained, tmp_path)
+    overrides = [o for o in trained["overrides"] if not o.startswith("out=")]
+    assert ensemble_fit.main([str(demo_root), *overrides, f"out={weights}", "ensemble.editing_fakes=0.5"]) == 0
+    stacker = json.loads((weights / MANIFEST).read_text())["ensemble"]["stacker"]
+    val = load_splits(demo_root)["valset"]
+    n_reals = sum(s.target == 0 for s in val)
+    assert stacker["fitted_on"] == f"valset ({len(val)} images, hold-out) + {round(0.5 * n_reals)} editing fakes of its reals"
+
+
 def test_infer_csv_on_testset(trained, demo_root, tmp_path):
     out = tmp_path / "sub" / "predictions.csv"
     code = infer.main([str(demo_root / "testset"), "--csv", str(out), "--weights", str(trained["weights"])])
@@ -401,6 +412,35 @@ def make_mixed_folder(folder, demo_root):
     (folder / "notes.txt").write_text("ignored: not an image\n")
     valid = ["valid.jpg", "alpha.png", "gray.png", "deep16.png", "UPPER.JPG", "gesicht_äöü_日本.jpg"]
     return valid, sorted(broken)
+
+
+def test_infer_never_drops_an_input_silently(trained, demo_root, tmp_path, capsys):
+    """A dangling link, a folder named like an image and a video that is not one each get a
+    row and a named error; subfolders are reported as skipped, or scored with --recursive
+    under their relative names; the closing line counts inputs, scored and failed."""
+    folder = tmp_path / "in"
+    valid, broken = make_mixed_folder(folder, demo_root)
+    (folder / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (folder / "dir.png").mkdir()
+    (folder / "fake.mp4").write_bytes(b"not a video")
+    for sub in ("a", "b"):
+        (folder / sub).mkdir()
+        shutil.copy(folder / "valid.jpg", folder / sub / "valid.jpg")
+    odd = ["dir.png", "fake.mp4", "gone.jpg"]
+    out = tmp_path / "sub.csv"
+    assert infer.main([str(folder), "--csv", str(out), "--weights", str(trained["weights"])]) == 0
+    err = capsys.readouterr().err
+    names = [n for n, _ in read_csv(out)]
+    assert sorted(names) == sorted(valid + broken + odd)
+    errors = (tmp_path / "sub.csv.errors").read_text()
+    for name in odd:
+        assert name in errors
+    assert "2 subfolder(s) not scored (use --recursive)" in err
+    n = len(valid + broken + odd)
+    assert f"{n} input(s): {len(valid)} scored, {len(broken + odd)} failed" in err
+    assert infer.main([str(folder), "--csv", str(out), "--recursive", "--weights", str(trained["weights"])]) == 0
+    names = [n for n, _ in read_csv(out)]
+    assert "a/valid.jpg" in names and "b/valid.jpg" in names and "valid.jpg" in names
 
 
 @pytest.mark.parametrize("loader_args", [[], ["--batch-size", "2", "--workers", "1"]],
