@@ -43,16 +43,23 @@ def list_images(folder: Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
+def _read_two_column_csv(path: Path, header: tuple[str, str], missing: str) -> list[list[str]]:
+    """The rows after the header of a CSV whose first two columns are `header` (a BOM, CRLF
+    and extra columns are accepted); DataLayoutError naming the file otherwise."""
+    if not path.is_file():
+        raise DataLayoutError(f"{path}: {missing}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows or [c.strip() for c in rows[0][:2]] != list(header):
+        raise DataLayoutError(f"{path}: first line must be the header '{','.join(header)}'")
+    return rows[1:]
+
+
 def read_label_file(label_file: Path) -> dict[str, int]:
     """img_name -> target from a competition label CSV, with errors naming file and line."""
-    if not label_file.is_file():
-        raise DataLayoutError(f"{label_file}: missing label file")
-    with open(label_file, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if not rows or [c.strip() for c in rows[0][:2]] != ["img_name", "target"]:
-        raise DataLayoutError(f"{label_file}: first line must be the header 'img_name,target'")
+    rows = _read_two_column_csv(label_file, ("img_name", "target"), "missing label file")
     labels: dict[str, int] = {}
-    for line_no, row in enumerate(rows[1:], start=2):
+    for line_no, row in enumerate(rows, start=2):
         if not row or not "".join(row).strip():
             continue
         if len(row) < 2:
@@ -87,13 +94,8 @@ def read_methods_file(root: Path, split: str) -> dict[str, str]:
     """img_name -> manipulation method from `<split>_methods.csv` (columns img_name,method;
     method is `real` for the reals), as FaceForensics++-style data sets ship it."""
     path = Path(root) / f"{split}_methods.csv"
-    if not path.is_file():
-        raise DataLayoutError(f"{path}: missing; data.methods needs a methods file per split")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if not rows or [c.strip() for c in rows[0][:2]] != ["img_name", "method"]:
-        raise DataLayoutError(f"{path}: first line must be the header 'img_name,method'")
-    return {row[0].strip(): row[1].strip() for row in rows[1:] if len(row) >= 2 and row[0].strip()}
+    rows = _read_two_column_csv(path, ("img_name", "method"), "missing; data.methods needs a methods file per split")
+    return {row[0].strip(): row[1].strip() for row in rows if len(row) >= 2 and row[0].strip()}
 
 
 def filter_methods(samples: list[Sample], methods_of: dict[str, str], keep: list[str],

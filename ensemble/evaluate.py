@@ -2,6 +2,7 @@
 
     python -m ensemble.evaluate DATA_ROOT [--split valset|testset] [--weights DIR] [--reports DIR]
     python -m ensemble.evaluate [DATA_ROOT] --test LABELLED_DIR [...]     # any labelled folder
+    python -m ensemble.evaluate LABELLED_DIR [...]                        # the same, thresholds 0.5
                                [--videos VIDEO_DIR] [--frames 16] [--gradcam N] [--no-plots]
                                [profile=cpu] [key=value ...]
 
@@ -521,7 +522,12 @@ def main(argv=None) -> int:
             raise EvaluationError(f"one DATA_ROOT expected, got {positional}")
         if args.frames < 1 or args.gradcam < 0:
             raise EvaluationError("--frames must be >= 1 and --gradcam >= 0")
-        cfg, _ = config_from_argv(args.rest)
+        rest = args.rest
+        if positional and args.test is None and not any(
+                (Path(positional[0]) / sub).is_dir() for sub in ("trainset", "testset", "real")):
+            # not a data root but a labelled folder (X/ with X_label.txt beside it): test it
+            args.test, rest = positional[0], [a for a in rest if a != positional[0]]
+        cfg, _ = config_from_argv(rest)
         result = evaluate(cfg, args.split, args.weights, args.reports, args.videos,
                           args.gradcam, not args.no_plots, args.frames, args.test)
     except (EvaluationError, WeightsError, DataLayoutError, VideoLabelError, ConfigError) as err:

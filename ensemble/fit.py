@@ -20,10 +20,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-from configs import Config, load_config
 import torch
 
+from configs import Config, load_config
 from data_prep.dataset import Sample, load_splits
 from data_prep.faces import FaceCropCache
 from data_prep.images import ImageDecodeError

@@ -124,30 +124,16 @@ class NoiseResiduals(nn.Module):
         return F.conv2d(x.mean(dim=1, keepdim=True), self.kernels.to(x.dtype), padding=2) * 10
 
 
-class BackboneClassifier(Expert):
-    """timm backbone -> pooled features -> linear/MLP head (2 logits), plus a projection
-    head whose L2-normalised output feeds the supervised contrastive loss.
-    `input_filter: srm` appends 3 noise-residual channels to the normalised RGB input."""
+class FeatureClassifier(Expert):
+    """An expert that maps the input to a feature vector (`features`, defined by the
+    subclass), then to 2 logits (`self.head`) and, for the supervised contrastive loss, to an
+    L2-normalised projection (`self.projector`). The losses are shared by every such expert."""
 
-    def __init__(self, cfg: ExpertConfig, image_size: int, **backbone_kwargs):
-        if cfg.input_filter not in ("none", "srm"):
-            raise ValueError(f"input_filter must be 'none' or 'srm', got {cfg.input_filter!r}")
-        in_chans = 6 if cfg.input_filter == "srm" else 3
-        backbone = create_backbone(cfg, drop_rate=cfg.drop_rate, in_chans=in_chans, **backbone_kwargs)
-        data_cfg = backbone.pretrained_cfg or {}
-        super().__init__(cfg, image_size, data_cfg.get("mean", (0.485, 0.456, 0.406)),
-                         data_cfg.get("std", (0.229, 0.224, 0.225)))
-        self.residuals = NoiseResiduals() if cfg.input_filter == "srm" else None
-        self.backbone = backbone
-        width = backbone.num_features
-        self.head = make_mlp(width, 2, cfg.head_layers)
-        self.projector = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.embed_dim))
+    head: nn.Module
+    projector: nn.Module
 
     def features(self, x):
-        inputs = self.normalize(x)
-        if self.residuals is not None:
-            inputs = torch.cat([inputs, self.residuals(x)], dim=1)
-        return self.backbone(inputs)
+        raise NotImplementedError
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -165,6 +151,37 @@ class BackboneClassifier(Expert):
             noisy_logits = self(noisy)
         projected = F.normalize(self.projector(feats), dim=1) if loss_cfg.nce > 0 else None
         return classification_losses(logits, y, loss_cfg, noisy_logits, projected)
+
+
+def check_input_filter(cfg: ExpertConfig) -> int:
+    """Input channels for `input_filter` (srm: RGB + 3 noise-residual maps)."""
+    if cfg.input_filter not in ("none", "srm"):
+        raise ValueError(f"input_filter must be 'none' or 'srm', got {cfg.input_filter!r}")
+    return 6 if cfg.input_filter == "srm" else 3
+
+
+class BackboneClassifier(FeatureClassifier):
+    """timm backbone -> pooled features -> linear/MLP head (2 logits), plus a projection
+    head whose L2-normalised output feeds the supervised contrastive loss.
+    `input_filter: srm` appends 3 noise-residual channels to the normalised RGB input."""
+
+    def __init__(self, cfg: ExpertConfig, image_size: int, **backbone_kwargs):
+        in_chans = check_input_filter(cfg)
+        backbone = create_backbone(cfg, drop_rate=cfg.drop_rate, in_chans=in_chans, **backbone_kwargs)
+        data_cfg = backbone.pretrained_cfg or {}
+        super().__init__(cfg, image_size, data_cfg.get("mean", (0.485, 0.456, 0.406)),
+                         data_cfg.get("std", (0.229, 0.224, 0.225)))
+        self.residuals = NoiseResiduals() if cfg.input_filter == "srm" else None
+        self.backbone = backbone
+        width = backbone.num_features
+        self.head = make_mlp(width, 2, cfg.head_layers)
+        self.projector = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.embed_dim))
+
+    def features(self, x):
+        inputs = self.normalize(x)
+        if self.residuals is not None:
+            inputs = torch.cat([inputs, self.residuals(x)], dim=1)
+        return self.backbone(inputs)
 
     def gradcam_layer(self):
         stages = getattr(self.backbone, "stages", None) or getattr(self.backbone, "blocks", None)

@@ -24,9 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configs import ExpertConfig, LossConfig
-from experts.base import Expert, NoiseResiduals, register_expert
-from experts.losses import classification_losses
+from configs import ExpertConfig
+from experts.base import FeatureClassifier, NoiseResiduals, register_expert
 
 SPECTRUM_BINS = 16
 
@@ -89,7 +88,7 @@ class ForensicStatistics(nn.Module):
 
 
 @register_expert("forensic")
-class ForensicStatsExpert(Expert):
+class ForensicStatsExpert(FeatureClassifier):
     def __init__(self, cfg: ExpertConfig, image_size: int):
         super().__init__(cfg, image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         if cfg.grid < 1:
@@ -106,21 +105,6 @@ class ForensicStatsExpert(Expert):
 
     def features(self, x):
         return self.body(self.statistics(x))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-    def embed(self, x):
-        return self.features(x)
-
-    def training_loss(self, x, y, loss_cfg: LossConfig):
-        feats = self.features(x)
-        logits = self.head(feats)
-        noisy_logits = None
-        if loss_cfg.kl > 0:
-            noisy_logits = self((x + loss_cfg.kl_noise_std * torch.randn_like(x)).clamp(0, 1))
-        projected = F.normalize(self.projector(feats), dim=1) if loss_cfg.nce > 0 else None
-        return classification_losses(logits, y, loss_cfg, noisy_logits, projected)
 
     def gradcam_layer(self):
         return None  # no learned spatial map to explain

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from configs import ExpertConfig, LossConfig
-from experts.base import Expert, NoiseResiduals, register_expert
-from experts.losses import classification_losses
+from configs import ExpertConfig
+from experts.base import FeatureClassifier, NoiseResiduals, check_input_filter, register_expert
 
 
 def _block(cin: int, cout: int, kernel: int, pool: int) -> nn.Sequential:
@@ -26,17 +24,15 @@ def _block(cin: int, cout: int, kernel: int, pool: int) -> nn.Sequential:
 
 
 @register_expert("mesonet")
-class MesoNet4Expert(Expert):
+class MesoNet4Expert(FeatureClassifier):
     def __init__(self, cfg: ExpertConfig, image_size: int):
         super().__init__(cfg, image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-        if cfg.input_filter not in ("none", "srm"):
-            raise ValueError(f"input_filter must be 'none' or 'srm', got {cfg.input_filter!r}")
+        in_chans = check_input_filter(cfg)
         if image_size % 32:
             raise ValueError(f"mesonet needs an image size divisible by 32, got {image_size}")
         self.residuals = NoiseResiduals() if cfg.input_filter == "srm" else None
         self.features_net = nn.Sequential(
-            _block(6 if self.residuals is not None else 3, 8, 3, 2), _block(8, 8, 5, 2),
-            _block(8, 16, 5, 2), _block(16, 16, 5, 4))
+            _block(in_chans, 8, 3, 2), _block(8, 8, 5, 2), _block(8, 16, 5, 2), _block(16, 16, 5, 4))
         side = image_size // 32
         self.hidden = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(16 * side * side, 16),
                                     nn.LeakyReLU(0.1))
@@ -48,21 +44,6 @@ class MesoNet4Expert(Expert):
         if self.residuals is not None:
             inputs = torch.cat([inputs, self.residuals(x)], dim=1)
         return self.hidden(self.features_net(inputs))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-    def embed(self, x):
-        return self.features(x)
-
-    def training_loss(self, x, y, loss_cfg: LossConfig):
-        feats = self.features(x)
-        logits = self.head(feats)
-        noisy_logits = None
-        if loss_cfg.kl > 0:
-            noisy_logits = self((x + loss_cfg.kl_noise_std * torch.randn_like(x)).clamp(0, 1))
-        projected = F.normalize(self.projector(feats), dim=1) if loss_cfg.nce > 0 else None
-        return classification_losses(logits, y, loss_cfg, noisy_logits, projected)
 
     def gradcam_layer(self):
         return self.features_net[-1]

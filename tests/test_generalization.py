@@ -116,6 +116,11 @@ def test_bench_protocols_end_to_end(methods_root, tmp_path):
     assert metrics["threshold_split"] == "none (0.5)" and set(metrics["thresholds"].values()) == {0.5}
     assert metrics["per_method_auc"]["resnet"]["Alpha"] == pytest.approx(result["a"]["resnet"]["Alpha"])
     assert "AUC per manipulation method" in (reports / "metrics.md").read_text()
+    # a labelled split folder given as the only positional argument is the same test
+    again = tmp_path / "positional"
+    assert ev.main([str(methods_root / "testset"), "--weights", str(work / "a" / "weights"),
+                    "--reports", str(again), "--no-plots", *overrides]) == 0
+    assert json.loads((again / "metrics.json").read_text())["models"] == metrics["models"]
     text = (work / "generalization.md").read_text()
     assert "(a) in distribution" in text and "(b) leave one method out" in text
     assert "(c) reals + editing fakes only" in text and "(d) cross-dataset" in text
