@@ -1,10 +1,10 @@
 """Evaluate the trained detector on a labelled split (and optionally a labelled video folder).
 
     python -m ensemble.evaluate DATA_ROOT [--split valset|testset] [--weights DIR] [--reports DIR]
-    python -m ensemble.evaluate [DATA_ROOT] --test LABELLED_DIR [...]     # any labelled folder
-    python -m ensemble.evaluate LABELLED_DIR [...]                        # the same, thresholds 0.5
                                [--videos VIDEO_DIR] [--frames 16] [--gradcam N] [--no-plots]
                                [profile=cpu] [key=value ...]
+    python -m ensemble.evaluate [DATA_ROOT] --test LABELLED_DIR [...]     # any labelled folder
+    python -m ensemble.evaluate LABELLED_DIR [...]                        # the same, thresholds 0.5
 
 Scores every image of the split with every expert of the full ensemble (the stacker's experts
 when the manifest has one), then reports, for each expert, for the ensemble (the fitted
@@ -88,6 +88,9 @@ def labelled_samples(cfg: Config, split: str) -> tuple[list[Sample], list[Sample
         return val, val
     if not (root / "testset").is_dir():
         raise EvaluationError(f"{root / 'testset'}: no testset folder to evaluate (try --split valset)")
+    if not (root / "testset_label.txt").is_file():
+        raise EvaluationError(f"{root / 'testset_label.txt'}: the testset has no labels, so it cannot be "
+                              f"evaluated (try --split valset)")
     return labelled_folder(root / "testset")[0], val
 
 
