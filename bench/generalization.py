@@ -120,34 +120,29 @@ def protocol_c(data_root, work, overrides) -> dict:
     return {"c": table, "seconds": {"c": res["train_seconds"]}}
 
 
+def table(title: str, rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:
+    """A markdown table of AUCs: one row per model, one column per key."""
+    return [title, "", "| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns),
+            *(f"| {model} | " + " | ".join(f"{row.get(c, float('nan')):.4f}" for c in columns) + " |"
+              for model, row in rows.items()), ""]
+
+
 def markdown(results: dict, methods: list[str]) -> str:
     lines = []
     if "a" in results:
-        lines += ["(a) in distribution: testset AUC, overall and per method", "",
-                  "| model | all | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
-        lines += [f"| {m} | {r['all']:.4f} | " + " | ".join(f"{r.get(x, float('nan')):.4f}" for x in methods) + " |"
-                  for m, r in results["a"].items()]
-        lines.append("")
+        lines += table("(a) in distribution: testset AUC, overall and per method", results["a"], ["all", *methods])
     if "b" in results:
         held = [x for x in methods if x in next(iter(results["b"].values()))]
-        lines += ["(b) leave one method out: AUC on the held-out method", "",
-                  "| model | " + " | ".join(held) + " | mean |", "|---|" + "---:|" * (len(held) + 1)]
-        lines += [f"| {m} | " + " | ".join(f"{r[x]:.4f}" for x in held) + f" | {r['mean']:.4f} |"
-                  for m, r in results["b"].items()]
-        lines.append("")
+        lines += table("(b) leave one method out: AUC on the held-out method", results["b"], [*held, "mean"])
     if "c" in results:
-        lines += ["(c) reals + editing fakes only: AUC per method", "",
-                  "| model | " + " | ".join(methods) + " | mean |", "|---|" + "---:|" * (len(methods) + 1)]
-        lines += [f"| {m} | " + " | ".join(f"{r.get(x, float('nan')):.4f}" for x in methods) + f" | {r['mean']:.4f} |"
-                  for m, r in results["c"].items()]
-        lines.append("")
+        lines += table("(c) reals + editing fakes only: AUC per method", results["c"], [*methods, "mean"])
     if "d" in results:
-        sets = list(results["d"])
-        lines += ["(d) cross-dataset: protocol (a)'s detector on other test sets, AUC", "",
-                  "| model | " + " | ".join(sets) + " |", "|---|" + "---:|" * len(sets)]
-        names = list(results["d"][sets[0]])
-        lines += [f"| {m} | " + " | ".join(f"{results['d'][s][m]:.4f}" for s in sets) + " |" for m in names]
-        lines.append("")
+        by_model = {}
+        for test_set, aucs in results["d"].items():
+            for model, auc in aucs.items():
+                by_model.setdefault(model, {})[test_set] = auc
+        lines += table("(d) cross-dataset: protocol (a)'s detector on other test sets, AUC", by_model,
+                       list(results["d"]))
     summary = summary_rows(results, methods)
     if summary:
         lines += ["Summary (the ensemble):", "", "| protocol | AUC |", "|---|---:|"]
