@@ -132,35 +132,34 @@ class FaceCropCache:
     def load(self, path) -> np.ndarray:
         """Face crop of an image file; raises ImageDecodeError for a broken file."""
         path = Path(path)
+        return self._cached(path, ".npy", lambda: crop_face(decode_image(path), self.cfg)[0])
+
+    def landmarks(self, path) -> np.ndarray | None:
+        """68 facial landmarks (x, y) in the face crop's pixels, or None when dlib finds no
+        face there; cached beside the crop (an empty array stands for None)."""
+        from data_prep.landmarks import detect_landmarks
+
+        def fit():
+            points = detect_landmarks(self.load(path))
+            return np.zeros((0, 2), np.float32) if points is None else points
+
+        path = Path(path)
+        points = self._cached(path, ".landmarks.npy", fit)
+        return points if len(points) else None
+
+    def _cached(self, path: Path, suffix: str, compute) -> np.ndarray:
+        """The array cached for `path` under `suffix`, else `compute()`, cached atomically."""
         if self.dir is None:
-            return crop_face(decode_image(path), self.cfg)[0]
-        cached = self.dir / (self._key(path) + ".npy")
+            return compute()
+        cached = self.dir / (self._key(path) + suffix)
         if cached.exists():
             try:
                 return np.load(cached, allow_pickle=False)
             except (OSError, ValueError):
                 pass  # a half-written cache file from a killed run: recompute it
-        crop = crop_face(decode_image(path), self.cfg)[0]
-        _save_atomically(cached, crop)
-        return crop
-
-    def landmarks(self, path) -> np.ndarray | None:
-        """68 facial landmarks (x, y) in the face crop's pixels, or None when dlib finds no
-        face there; cached beside the crop."""
-        from data_prep.landmarks import detect_landmarks
-
-        path = Path(path)
-        cached = self.dir / (self._key(path) + ".landmarks.npy") if self.dir is not None else None
-        if cached is not None and cached.exists():
-            try:
-                points = np.load(cached, allow_pickle=False)
-                return points if len(points) else None
-            except (OSError, ValueError):
-                pass
-        points = detect_landmarks(self.load(path))
-        if cached is not None:
-            _save_atomically(cached, np.zeros((0, 2), np.float32) if points is None else points)
-        return points
+        array = compute()
+        _save_atomically(cached, array)
+        return array
 
 
 def _save_atomically(path: Path, array: np.ndarray) -> None:

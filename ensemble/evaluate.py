@@ -76,22 +76,23 @@ class EvaluationError(Exception):
 
 # ----------------------------------------------------------------------------- data
 
-def labelled_samples(cfg: Config, split: str) -> tuple[list[Sample], list[Sample]]:
-    """(samples of `split` with labels, validation samples). Raises EvaluationError when
-    the testset has no labels."""
+def labelled_samples(cfg: Config, split: str) -> tuple[list[Sample], list[Sample], dict[str, str] | None]:
+    """(samples of `split` with labels, validation samples, the testset's img_name -> method
+    or None). Raises EvaluationError when the testset has no labels."""
     if split not in SPLIT_CHOICES:
         raise EvaluationError(f"--split must be one of {SPLIT_CHOICES}, got {split!r}")
     root = Path(cfg.data_root)
     splits = load_splits(root, seed=cfg.seed, methods=cfg.data.methods)
     val = splits["valset"]
     if split == "valset":
-        return val, val
+        return val, val, None
     if not (root / "testset").is_dir():
         raise EvaluationError(f"{root / 'testset'}: no testset folder to evaluate (try --split valset)")
     if not (root / "testset_label.txt").is_file():
         raise EvaluationError(f"{root / 'testset_label.txt'}: the testset has no labels, so it cannot be "
                               f"evaluated (try --split valset)")
-    return labelled_folder(root / "testset")[0], val
+    test, methods = labelled_folder(root / "testset")
+    return test, val, methods
 
 
 def labelled_folder(path) -> tuple[list[Sample], dict[str, str] | None]:
@@ -431,15 +432,12 @@ def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, vi
         torch.set_num_threads(cfg.threads)
     weights = Path(weights or cfg.out)
     reports = Path(reports or cfg.reports)
-    methods = None
     if test is not None:
         samples, methods = labelled_folder(test)
         split = str(test)
         val_samples = labelled_samples(cfg, "valset")[1] if cfg.data_root else []
     else:
-        samples, val_samples = labelled_samples(cfg, split)
-        if split == "testset":
-            methods = labelled_folder(Path(cfg.data_root) / "testset")[1]
+        samples, val_samples, methods = labelled_samples(cfg, split)
 
     detector = Detector.from_weights(weights, device=cfg.device)
     keep, y, features, unreadable = score_split(detector, samples, cfg, split)

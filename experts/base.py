@@ -135,6 +135,15 @@ class FeatureClassifier(Expert):
     def features(self, x):
         raise NotImplementedError
 
+    def network_input(self, x):
+        """Normalised RGB, plus the SRM noise-residual channels when the expert has them
+        (`self.residuals`, set with `input_filter: srm`)."""
+        inputs = self.normalize(x)
+        residuals = getattr(self, "residuals", None)
+        if residuals is not None:
+            inputs = torch.cat([inputs, residuals(x)], dim=1)
+        return inputs
+
     def forward(self, x):
         return self.head(self.features(x))
 
@@ -178,10 +187,7 @@ class BackboneClassifier(FeatureClassifier):
         self.projector = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.embed_dim))
 
     def features(self, x):
-        inputs = self.normalize(x)
-        if self.residuals is not None:
-            inputs = torch.cat([inputs, self.residuals(x)], dim=1)
-        return self.backbone(inputs)
+        return self.backbone(self.network_input(x))
 
     def gradcam_layer(self):
         stages = getattr(self.backbone, "stages", None) or getattr(self.backbone, "blocks", None)

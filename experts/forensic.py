@@ -44,6 +44,19 @@ class ForensicStatistics(nn.Module):
         self.register_buffer("extra", extra)
         ycbcr = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
         self.register_buffer("ycbcr", ycbcr)
+        self._bins: dict = {}  # (h, w, device) -> radial bin of every spectrum pixel, built once
+
+    def radial_bins(self, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bin index of each pixel of an h x w centred spectrum, pixels per bin); the corners
+        beyond the inscribed circle go to an extra bin that is dropped."""
+        key = (h, w, str(device))
+        if key not in self._bins:
+            yy, xx = torch.meshgrid(torch.arange(h, device=device) - h // 2,
+                                    torch.arange(w, device=device) - w // 2, indexing="ij")
+            radius = torch.sqrt(yy.float() ** 2 + xx.float() ** 2) / (min(h, w) / 2)
+            bins = (radius * SPECTRUM_BINS).long().clamp_max(SPECTRUM_BINS).flatten()
+            self._bins[key] = (bins, torch.bincount(bins, minlength=SPECTRUM_BINS + 1).clamp_min(1))
+        return self._bins[key]
 
     @property
     def n_features(self) -> int:
@@ -62,20 +75,14 @@ class ForensicStatistics(nn.Module):
         return torch.cat([res, mean.flatten(1), std.flatten(1), relative.flatten(1),
                           self.spectrum(grey[:, 0] / 255), self.block_phases(grey[:, 0])], dim=1)
 
-    @staticmethod
-    def spectrum(grey: torch.Tensor) -> torch.Tensor:
+    def spectrum(self, grey: torch.Tensor) -> torch.Tensor:
         h, w = grey.shape[-2:]
         centre = grey[:, h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2]
         centre = centre - centre.mean(dim=(1, 2), keepdim=True)
         power = torch.fft.fftshift(torch.fft.fft2(centre).abs().pow(2).add(1e-8).log(), dim=(-2, -1))
-        ch, cw = power.shape[-2:]
-        yy, xx = torch.meshgrid(torch.arange(ch, device=grey.device) - ch // 2,
-                                torch.arange(cw, device=grey.device) - cw // 2, indexing="ij")
-        radius = torch.sqrt(yy.float() ** 2 + xx.float() ** 2) / (min(ch, cw) / 2)
-        bins = (radius * SPECTRUM_BINS).long().clamp_max(SPECTRUM_BINS)  # the corners go to a dropped bin
+        bins, counts = self.radial_bins(*power.shape[-2:], grey.device)
         sums = torch.zeros(grey.shape[0], SPECTRUM_BINS + 1, device=grey.device).index_add_(
-            1, bins.flatten(), power.flatten(1))
-        counts = torch.bincount(bins.flatten(), minlength=SPECTRUM_BINS + 1).clamp_min(1)
+            1, bins, power.flatten(1))
         return (sums / counts)[:, :SPECTRUM_BINS]
 
     @staticmethod

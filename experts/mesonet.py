@@ -11,7 +11,6 @@ timm experts.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from configs import ExpertConfig
@@ -40,10 +39,7 @@ class MesoNet4Expert(FeatureClassifier):
         self.projector = nn.Linear(16, cfg.embed_dim)
 
     def features(self, x):
-        inputs = self.normalize(x)
-        if self.residuals is not None:
-            inputs = torch.cat([inputs, self.residuals(x)], dim=1)
-        return self.hidden(self.features_net(inputs))
+        return self.hidden(self.features_net(self.network_input(x)))
 
     def gradcam_layer(self):
         return self.features_net[-1]
