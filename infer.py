@@ -18,12 +18,15 @@ not be read (without --csv) or --strict met one; 2 = usage error or no trained w
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import os
+import signal
 import sys
 from pathlib import Path
+
+from common.cli import CommandLine, entry_point
+from common.files import atomic_write
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -31,8 +34,7 @@ FALLBACK_SCORE = 0.5  # an unreadable file says nothing either way
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLine("python infer.py", __doc__, config=False)
     parser.add_argument("inputs", nargs="+", help="image/video files, folders or glob patterns")
     parser.add_argument("--csv", type=Path, help="write img_name,y_pred rows here (atomically)")
     parser.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent / "weights")
@@ -130,32 +132,25 @@ def score_video(detector, path: Path, args) -> float:
 
 
 def write_csv_atomically(path: Path, rows: list[tuple[str, float]], name_column: str = "img_name") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")  # quotes a name holding a comma or quote
         writer.writerow([name_column, "y_pred"])
         writer.writerows((name, f"{score:.6f}") for name, score in rows)
-    os.replace(tmp, path)
 
 
 class StrictStop(Exception):
     pass
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from data_prep.video import VideoDecodeError, is_video_file
     from ensemble.predictor import Detector
-    from experts.weights import WeightsError
 
-    try:
-        tta = None if args.tta is None else [t for t in args.tta.split(",") if t and t != "none"]
-        detector = Detector.from_weights(args.weights, args.experts.split(",") if args.experts else None,
-                                         args.device, tta)
-    except WeightsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    tta = None if args.tta is None else [t for t in args.tta.split(",") if t and t != "none"]
+    detector = Detector.from_weights(args.weights, args.experts.split(",") if args.experts else None,
+                                     args.device, tta)
 
     files, problems, names = expand_inputs(args.inputs, args.recursive)
     for message in problems:
@@ -196,7 +191,8 @@ def main(argv=None) -> int:
     write_csv_atomically(args.csv, rows, "video_name" if only_videos else "img_name")
     error_file = args.csv.with_name(args.csv.name + ".errors")
     if errors:
-        error_file.write_text("".join(f"{m.splitlines()[0]}\n" for m in errors.values()))
+        with atomic_write(error_file, encoding="utf-8") as f:
+            f.write("".join(f"{m.splitlines()[0]}\n" for m in errors.values()))
     elif error_file.exists():
         error_file.unlink()  # a stale list from an earlier run would mislead
     print(f"wrote {len(rows)} rows to {args.csv}; {counts}" +
@@ -204,5 +200,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def stop_like_ctrl_c(signum, _frame):
+    """SIGTERM (`kill`, a job scheduler's stop) unwinds like Ctrl-C instead of ending the
+    process on the spot, so `atomic_write` still removes its temp file."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as stop:
+        stopped_by = signal.SIGTERM if str(stop) == "SIGTERM" else signal.SIGINT
+        print(f"interrupted ({stopped_by.name}): the --csv file is untouched or complete, never partial",
+              file=sys.stderr)
+        sys.exit(128 + stopped_by)

@@ -25,6 +25,13 @@ REPORTS=$(setting reports reports)
 mkdir -p "$REPORTS"
 START=$(date +%s)
 
+# 0. The gpu profile starts from pretrained backbones: learn now, not hours into the run,
+# if any expert's weights are neither in the hub cache nor in its pretrained_file.
+if [[ "$(setting profile cpu)" == gpu ]]; then
+  echo "== checking the pretrained weights of the gpu experts"
+  python -m experts.check_pretrained "${ARGS[@]}"
+fi
+
 # 1. Data: the demo set when no data root is given.
 if [[ -z "$DATA_ROOT" ]]; then
   DATA_ROOT=demo_data
@@ -40,13 +47,20 @@ if [[ -f "$DATA_ROOT/labels.csv" ]] && head -1 "$DATA_ROOT/labels.csv" | grep -q
   DATA_ROOT="$FRAMES_ROOT"
 fi
 
+# 1a. Audit: exact and near duplicates across (and within) the splits, and images labelled
+# both real and fake. A warning, never a stop; everything found goes to reports/audit.json.
+echo "== auditing $DATA_ROOT for duplicates and leakage"
+python -m data_prep.audit "$DATA_ROOT" --json "$REPORTS/audit.json" ||
+  echo "warning: the data audit could not run (above); training goes on" >&2
+
 # 1b. Optional (FOLDS=K): the winning solution's out-of-distribution check. Re-split
 # train+val by k-means clusters of face embeddings and train the first expert once per fold
 # (fold k validates on cluster k); reports/folds/ gets the clusters, t-SNE and per-fold AUC.
 if [[ -n "${FOLDS:-}" ]]; then
-  FIRST_EXPERT=$(python -c "import sys; from ensemble.fit import config_from_argv; print(config_from_argv(sys.argv[1:])[0].experts[0])" "$DATA_ROOT" "${ARGS[@]}")
+  FIRST_EXPERT=$(python -c "import sys; from configs import config_from_argv; print(config_from_argv(sys.argv[1:]).experts[0])" "$DATA_ROOT" "${ARGS[@]}")
   echo "== cluster re-split into $FOLDS folds; training $FIRST_EXPERT per fold"
-  python -m data_prep.cluster_split "$DATA_ROOT" --out "$REPORTS/folds" --k "$FOLDS" --profile "$(setting profile cpu)"
+  # the same profile and face.* / data.* overrides as training, so the clusters are of its crops
+  python -m experts.cluster_split "$DATA_ROOT" --out "$REPORTS/folds" --k "$FOLDS" "${ARGS[@]}"
   for ((k = 0; k < FOLDS; k++)); do
     python -m experts.train "$DATA_ROOT" "${ARGS[@]}" experts="$FIRST_EXPERT" \
       data.folds_csv="$REPORTS/folds/folds.csv" data.fold="$k" out="$REPORTS/folds/weights" run_dir="$REPORTS/folds/runs"

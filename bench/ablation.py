@@ -1,7 +1,7 @@
 """Ablations for one expert: losses, editing fakes, cluster vs random validation split.
 
     python bench/ablation.py DATA_ROOT [--expert resnet] [--study losses|fakes|split|all]
-                             [--out BENCHMARKS_ablation.md] [profile=cpu key=value ...]
+                             [--out BENCHMARKS_ablation.md] [--profile NAME | profile=NAME] [key=value ...]
 
 Each variant trains the expert from scratch in its own folder under `--work` with the same
 seed and settings but the one thing studied, then measures testset AUC (losses, fakes) or
@@ -15,7 +15,6 @@ mean nothing when two trainings compete.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -26,10 +25,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common.cli import CommandLine, entry_point  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from configs import config_from_argv  # noqa: E402
+
 
 def run(cmd: list[str]) -> None:
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    done = subprocess.run(cmd, cwd=ROOT)
+    if done.returncode != 0:  # the command has said why on stderr
+        raise UserError(f"command failed with exit status {done.returncode}: {' '.join(cmd)}")
 
 
 def train(data_root, expert, work: Path, overrides: list[str]) -> dict:
@@ -46,9 +51,8 @@ def train(data_root, expert, work: Path, overrides: list[str]) -> dict:
 
 def test_auc(data_root, expert_name: str, work: Path, overrides: list[str]) -> float:
     from ensemble.evaluate import evaluate
-    from ensemble.fit import config_from_argv
 
-    cfg, _ = config_from_argv([str(data_root), *overrides, f"experts={expert_name}", f"out={work / 'weights'}"])
+    cfg = config_from_argv([str(data_root), *overrides, f"experts={expert_name}", f"out={work / 'weights'}"])
     result = evaluate(cfg, split="testset", weights=work / "weights", reports=work / "reports", plots=False,
                       gradcam=0)
     return result["models"][expert_name]["auc"]
@@ -67,9 +71,7 @@ def study_losses(args, overrides) -> list[dict]:
 
 
 def study_fakes(args, overrides) -> list[dict]:
-    from ensemble.fit import config_from_argv
-
-    profile_rate = config_from_argv([str(args.data_root), *overrides])[0].data.online_fakes
+    profile_rate = config_from_argv([str(args.data_root), *overrides]).data.online_fakes
     rows = []
     for label, rate in ((f"editing fakes (online_fakes={profile_rate})", profile_rate), ("no editing fakes", 0.0)):
         work = args.work / "fakes" / str(rate)
@@ -86,13 +88,11 @@ def study_split(args, overrides) -> list[dict]:
     if embed_weights is None:  # train the expert whose embeddings are clustered
         train(args.data_root, args.expert, base / "embedder", overrides)
         embed_weights = base / "embedder" / "weights"
-    profile = next((o.split("=", 1)[1] for o in overrides if o.startswith("profile=")), "cpu")
     rows = []
     for label, mode in (("cluster (k-means) fold", []), ("random stratified fold", ["--random"])):
         folds = base / ("random" if mode else "cluster")
-        run([sys.executable, "-m", "data_prep.cluster_split", str(args.data_root), "--out", str(folds),
-             "--k", str(args.k), "--profile", profile, "--expert", args.expert,
-             "--weights", str(embed_weights), *mode])
+        run([sys.executable, "-m", "experts.cluster_split", str(args.data_root), *overrides, "--out", str(folds),
+             "--k", str(args.k), "--expert", args.expert, "--weights", str(embed_weights), *mode])
         aucs = []
         for fold in range(args.folds_trained):
             entry = train(args.data_root, args.expert, folds / f"fold{fold}",
@@ -111,11 +111,10 @@ def markdown(title: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@entry_point
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("--")]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data_root", type=Path)
+    parser = CommandLine("python bench/ablation.py", __doc__, positional="DATA_ROOT")
     parser.add_argument("--expert", default="resnet")
     parser.add_argument("--study", default="all", choices=["losses", "fakes", "split", "all"])
     parser.add_argument("--kl", type=float, default=1.0)
@@ -126,7 +125,9 @@ def main(argv=None) -> int:
                                                                "trained --expert to embed with")
     parser.add_argument("--work", type=Path, default=Path("/tmp/dfd_ablation"))
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS_ablation.md")
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    args = parser.parse_args(argv)
+    args.data_root, overrides = Path(args.positional), args.config_argv  # passed on to every command
+    config_from_argv([str(args.data_root), *overrides])  # a bad key stops here, not in the first training
     studies = ["losses", "fakes", "split"] if args.study == "all" else [args.study]
     sections = [f"Ablations of expert `{args.expert}` on `{args.data_root}` "
                 f"(overrides: {' '.join(overrides) or 'none'}); command: "

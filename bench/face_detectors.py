@@ -10,13 +10,14 @@ DataLoader worker.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from common.cli import CommandLine, entry_point
+from common.errors import UserError
 from configs import FaceConfig
 from data_prep.dataset import list_images
 from data_prep.faces import detect_face
@@ -42,8 +43,9 @@ def measure(images: list[np.ndarray]) -> dict[str, dict[str, float]]:
     return rows
 
 
+@entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.face_detectors", description=__doc__.split("\n\n")[0])
+    parser = CommandLine("python -m bench.face_detectors", __doc__, config=False)
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
@@ -55,8 +57,7 @@ def main(argv=None) -> int:
     print("| images | detector | faces found | ms / image |\n|---|---|---:|---:|")
     for folder in args.folders:
         if not folder.is_dir():
-            print(f"error: {folder}: not a directory", file=sys.stderr)
-            return 2
+            raise UserError(f"{folder}: not a directory")
         images = []
         for path in list_images(folder)[: args.limit]:
             try:
@@ -64,8 +65,7 @@ def main(argv=None) -> int:
             except ImageDecodeError as err:
                 print(f"warning: skipped {err}", file=sys.stderr)
         if not images:
-            print(f"error: {folder}: no readable images", file=sys.stderr)
-            return 2
+            raise UserError(f"{folder}: no readable images")
         side = int(np.median([max(img.shape[:2]) for img in images]))
         for name, row in measure(images).items():
             print(f"| {folder} ({len(images)}, {side} px) | {name} | {100 * row['found']:.1f} % | {row['ms']:.1f} |")

@@ -25,7 +25,6 @@ Thresholds play no part: every number is an AUC. The table goes to `--out` (mark
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import subprocess
@@ -33,14 +32,18 @@ import sys
 import time
 from pathlib import Path
 
+from common.cli import CommandLine, entry_point
+from common.errors import UserError
+from configs import config_from_argv
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = ("a", "b", "c", "d")
 REAL = "real"
 C_ONLINE_FAKES = "0.5"  # protocol c: half the training images are editing fakes
 
 
-class BenchError(Exception):
-    pass
+class BenchError(UserError):
+    """A protocol that cannot run: a missing methods file, a bad option, a failed command."""
 
 
 def run(cmd: list[str]) -> None:
@@ -168,51 +171,45 @@ def summary_rows(results: dict, methods: list[str]) -> dict[str, float]:
     return rows
 
 
+@entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.generalization", description=__doc__.split("\n\n")[0])
-    parser.add_argument("rest", nargs="*", metavar="DATA_ROOT [profile=P] [key=value ...]")
+    parser = CommandLine("python -m bench.generalization", __doc__, positional="DATA_ROOT")
     parser.add_argument("--cross", action="append", default=[], metavar="DIR",
                         help="labelled test folder of another data set (protocol d); repeatable")
     parser.add_argument("--protocols", default="a,b,c,d")
     parser.add_argument("--held-out", default="", help="protocol b: only these methods (comma-separated)")
     parser.add_argument("--work", default="reports/generalization")
     parser.add_argument("--out", default="", help="markdown table (default: <work>/generalization.md)")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        positional = [a for a in args.rest if "=" not in a]
-        overrides = [a for a in args.rest if "=" in a]
-        if len(positional) != 1:
-            raise BenchError("one DATA_ROOT expected")
-        data_root = Path(positional[0]).resolve()
-        protocols = [p for p in args.protocols.split(",") if p]
-        if not set(protocols) <= set(PROTOCOLS):
-            raise BenchError(f"--protocols: choose from {','.join(PROTOCOLS)}, got {args.protocols}")
-        if "d" in protocols and not args.cross:
-            raise BenchError("protocol d needs --cross LABELLED_DIR")
-        if "data.methods" in " ".join(overrides):
-            raise BenchError("data.methods is set by the protocols; do not override it")
-        methods = methods_of(data_root)
-        held_out = [m for m in args.held_out.split(",") if m] or methods
-        if not set(held_out) <= set(methods):
-            raise BenchError(f"--held-out: methods are {methods}, got {held_out}")
-        cross = [Path(c).resolve() for c in args.cross]
-        work = Path(args.work).resolve()
-        results: dict = {"data_root": str(data_root), "overrides": overrides, "methods": methods, "seconds": {}}
-        if "a" in protocols or "d" in protocols:
-            part = protocol_a(data_root, work, overrides, cross, "d" in protocols)
-            results["seconds"].update(part.pop("seconds"))
-            results.update(part if "a" in protocols else {"d": part["d"]})
-        if "b" in protocols:
-            part = protocol_b(data_root, work, overrides, methods, held_out)
-            results["seconds"].update(part.pop("seconds"))
-            results.update(part)
-        if "c" in protocols:
-            part = protocol_c(data_root, work, overrides)
-            results["seconds"].update(part.pop("seconds"))
-            results.update(part)
-    except BenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    overrides = args.config_argv  # passed on to every command the protocols run
+    config_from_argv([args.positional, *overrides])  # a bad key stops here, not in the first training
+    data_root = Path(args.positional).resolve()
+    protocols = [p for p in args.protocols.split(",") if p]
+    if not set(protocols) <= set(PROTOCOLS):
+        raise BenchError(f"--protocols: choose from {','.join(PROTOCOLS)}, got {args.protocols}")
+    if "d" in protocols and not args.cross:
+        raise BenchError("protocol d needs --cross LABELLED_DIR")
+    if "data.methods" in " ".join(overrides):
+        raise BenchError("data.methods is set by the protocols; do not override it")
+    methods = methods_of(data_root)
+    held_out = [m for m in args.held_out.split(",") if m] or methods
+    if not set(held_out) <= set(methods):
+        raise BenchError(f"--held-out: methods are {methods}, got {held_out}")
+    cross = [Path(c).resolve() for c in args.cross]
+    work = Path(args.work).resolve()
+    results: dict = {"data_root": str(data_root), "overrides": overrides, "methods": methods, "seconds": {}}
+    if "a" in protocols or "d" in protocols:
+        part = protocol_a(data_root, work, overrides, cross, "d" in protocols)
+        results["seconds"].update(part.pop("seconds"))
+        results.update(part if "a" in protocols else {"d": part["d"]})
+    if "b" in protocols:
+        part = protocol_b(data_root, work, overrides, methods, held_out)
+        results["seconds"].update(part.pop("seconds"))
+        results.update(part)
+    if "c" in protocols:
+        part = protocol_c(data_root, work, overrides)
+        results["seconds"].update(part.pop("seconds"))
+        results.update(part)
     work.mkdir(parents=True, exist_ok=True)
     (work / "generalization.json").write_text(json.dumps(results, indent=2))
     text = markdown(results, methods)

@@ -8,7 +8,6 @@ profile keeps `train.amp: off` and `channels_last: false` unless this says other
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
@@ -20,6 +19,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from common.cli import CommandLine, entry_point  # noqa: E402
+from common.runtime import select_device  # noqa: E402
 from configs import ExpertConfig, LossConfig  # noqa: E402
 from experts import create_expert  # noqa: E402
 
@@ -52,8 +53,9 @@ def time_steps(model, x, y, steps, train: bool, dtype, channels_last: bool) -> f
     return sorted(times)[len(times) // 2]
 
 
+@entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandLine("python bench/precision.py", __doc__, config=False)
     parser.add_argument("--kind", default="resnet")
     parser.add_argument("--model", default="resnet10t")
     parser.add_argument("--input-filter", default="srm")
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = select_device(args.device)
     torch.manual_seed(0)
     x = torch.rand(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 2, (args.batch,), device=device)

@@ -1,7 +1,7 @@
 """Quality benchmark: the evaluation table of the trained detector as a Markdown file.
 
     python bench/quality.py DATA_ROOT [--split testset] [--weights DIR] [--reports DIR]
-                            [--out BENCHMARKS_quality.md] [profile=cpu] [key=value ...]
+                            [--out BENCHMARKS_quality.md] [--profile NAME | profile=NAME] [key=value ...]
     python -m bench.quality ...   (the same)
 
 Runs `ensemble.evaluate.evaluate` (no plots) on the split, into a temp reports folder (or
@@ -15,7 +15,6 @@ Exit status: 0 = written; 2 = usage error, unreadable data, unlabelled split or 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
@@ -30,26 +29,24 @@ if str(REPO) not in sys.path:  # run as `python bench/quality.py`
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from common.cli import CommandLine, entry_point  # noqa: E402
+from common.files import atomic_write  # noqa: E402
+from configs import config_from  # noqa: E402
+
 COLUMNS = ["auc", "ap", "eer", "acc", "tpr@fpr1", "tpr@fpr5", "ece", "brier", "threshold", "n", "n_fake"]
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python bench/quality.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rest", nargs="*", metavar="DATA_ROOT [profile=P] [key=value ...]")
+    parser = CommandLine("python bench/quality.py", __doc__, positional="DATA_ROOT")
     parser.add_argument("--split", default="testset", choices=["valset", "testset"])
     parser.add_argument("--weights", help="trained weights folder (default: cfg.out)")
     parser.add_argument("--reports", help="keep evaluate's outputs here (default: a temp folder)")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS_quality.md"))
-    args = parser.parse_intermixed_args(argv)
-    positional = [a for a in args.rest if "=" not in a]
-    if len(positional) != 1:
-        parser.error(f"one DATA_ROOT expected, got {positional}")
-    return args
+    return parser.parse_args(argv)
 
 
 def quality_markdown(result: dict, *, command: str, machine: dict, git: dict, date: str, seconds: float) -> str:
-    from ensemble.metrics import markdown_table
+    from common.metrics import markdown_table
 
     models = result["models"]
     experts = result["experts"]
@@ -84,40 +81,28 @@ def quality_markdown(result: dict, *, command: str, machine: dict, git: dict, da
     return "\n".join(lines) + "\n"
 
 
+@entry_point
 def main(argv=None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = parse_args(raw)
-    except SystemExit as err:
-        return 2 if err.code else 0
+    args = parse_args(raw)
     import logging
 
     from bench.speed import git_state, machine_info
-    from configs import ConfigError
-    from data_prep.dataset import DataLayoutError
-    from ensemble.evaluate import EvaluationError, evaluate
-    from ensemble.fit import config_from_argv
-    from experts.weights import WeightsError
+    from ensemble.evaluate import evaluate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     command = " ".join(shlex.quote(a) for a in ["python", "bench/quality.py", *raw])
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     start = time.perf_counter()
-    try:
-        cfg, _ = config_from_argv(args.rest)
-        with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
-            result = evaluate(cfg, args.split, args.weights, args.reports or tmp, gradcam=0, plots=False)
-    except (EvaluationError, WeightsError, DataLayoutError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = config_from(args, data_root=args.positional)
+    with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
+        result = evaluate(cfg, args.split, args.weights, args.reports or tmp, gradcam=0, plots=False)
     seconds = time.perf_counter() - start
     text = quality_markdown(result, command=command, machine=machine_info(), git=git_state(), date=date,
                             seconds=seconds)
     print(text, end="")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    tmp_out.write_text(text)
-    os.replace(tmp_out, args.out)
+    with atomic_write(args.out) as f:
+        f.write(text)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -2,7 +2,7 @@
 
     python bench/speed.py IMAGE_DIR [--weights weights] [--batch-size 32] [--workers N] [--threads T]
                           [--repeats 3] [--limit N] [--device auto] [--no-cold] [--allow-contention]
-                          [--train DATA_ROOT [--train-epochs 1] [profile=cpu] [key=value ...]]
+                          [--train DATA_ROOT [--train-epochs 1] [--profile NAME | profile=NAME] [key=value ...]]
                           [--out BENCHMARKS_speed.json]
     python -m bench.speed ...   (the same)
 
@@ -39,7 +39,6 @@ no usable weights; 3 = contended (see 6).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -60,6 +59,9 @@ if str(REPO) not in sys.path:  # run as `python bench/speed.py`
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common.cli import CommandLine, entry_point  # noqa: E402
+from common.files import atomic_write  # noqa: E402
 
 CONTENTION_CORES = 0.5      # other processes may use at most this many cores ...
 CONTENTION_WINDOWS = 0.10   # ... on average, and in at most this fraction of the 1-s windows
@@ -309,15 +311,17 @@ def time_experts(detector, pool, sizes) -> dict:
     """Seconds of `model.predict_proba(x)` alone per expert over all batches (the uint8 -> float
     conversion and the copy to the device happen outside the timer)."""
     import torch
+
+    from common.inputs import to_unit_float
     sync = synchronizer(detector.device)
     out = {}
     for name, model in detector.experts.items():
         total = 0.0
         with torch.no_grad():
-            x = pool[0][model.image_size][:1].to(detector.device).float().div_(255)
+            x = to_unit_float(pool[0][model.image_size][:1], detector.device)
             model.predict_proba(x)  # warm-up
             for batch in batches_for(pool, sizes):
-                x = batch[model.image_size].to(detector.device).float().div_(255)
+                x = to_unit_float(batch[model.image_size], detector.device)
                 sync()
                 start = time.perf_counter()
                 model.predict_proba(x)
@@ -406,10 +410,7 @@ def bench_training(root: str, epochs: int, overrides: list[str], args, tmp: Path
         argv.append(f"device={args.device}")
     argv += [*overrides, f"train.epochs={epochs}", f"out={tmp / 'train_weights'}", f"run_dir={tmp / 'train_runs'}"]
     start = time.perf_counter()
-    try:
-        rc = train.main(argv)
-    except SystemExit as err:  # the trainer reports usage problems this way
-        return {"error": str(err), "argv": argv}
+    rc = train.main(argv)  # a known error is one line on stderr and rc 2
     seconds = time.perf_counter() - start
     experts = {}
     for metrics in sorted((tmp / "train_runs").glob("*/metrics.json")):
@@ -485,10 +486,7 @@ def markdown_report(r: dict) -> str:
 
 def parse_args(argv):
     default_workers = min(4, os.cpu_count() or 1) - 1  # infer.py's default
-    parser = argparse.ArgumentParser(prog="python bench/speed.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rest", nargs="*", metavar="IMAGE_DIR [profile=P key=value ...]",
-                        help="folder of images; key=value overrides are for --train")
+    parser = CommandLine("python bench/speed.py", __doc__, positional="IMAGE_DIR")
     parser.add_argument("--weights", type=Path, default=REPO / "weights")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=default_workers, help="as infer.py --workers")
@@ -502,25 +500,19 @@ def parse_args(argv):
     parser.add_argument("--train", metavar="DATA_ROOT", help="also measure training images/s per expert")
     parser.add_argument("--train-epochs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS_speed.json"))
-    args = parser.parse_intermixed_args(argv)
-    positional = [a for a in args.rest if "=" not in a]
-    args.overrides = [a for a in args.rest if "=" in a]
-    if len(positional) != 1:
-        parser.error(f"one IMAGE_DIR expected, got {positional}")
-    args.image_dir = Path(positional[0])
-    if args.overrides and not args.train:
-        parser.error(f"key=value overrides {args.overrides} only apply with --train")
+    args = parser.parse_args(argv)
+    args.image_dir = Path(args.positional)
+    if args.config_argv and not args.train:
+        parser.error(f"the profile and key=value overrides {args.config_argv} only apply with --train")
     if args.batch_size < 1 or args.repeats < 1 or args.workers < 0 or args.limit < 0 or args.threads < 0 \
             or args.train_epochs < 1:
         parser.error("--batch-size, --repeats and --train-epochs must be >= 1; --workers, --limit, --threads >= 0")
     return args
 
 
+@entry_point
 def main(argv=None) -> int:
-    try:
-        args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as err:
-        return EXIT_USAGE if err.code else 0
+    args = parse_args(argv)
     if not args.image_dir.is_dir():
         print(f"error: {args.image_dir}: not a directory", file=sys.stderr)
         return EXIT_USAGE
@@ -536,7 +528,7 @@ def main(argv=None) -> int:
             return code
         if args.train:
             print(f"== training for {args.train_epochs} epoch(s) on {args.train}", file=sys.stderr)
-            result["train"] = bench_training(args.train, args.train_epochs, args.overrides, args, tmp)
+            result["train"] = bench_training(args.train, args.train_epochs, args.config_argv, args, tmp)
             result["memory"]["peak_rss_with_training_mb"] = peak_rss_mb()
             if result["train"].get("error") or result["train"].get("rc"):
                 code = EXIT_FAILED
@@ -561,10 +553,8 @@ def main(argv=None) -> int:
 
     report = markdown_report(result)
     print(report, end="")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_out, args.out)
+    with atomic_write(args.out) as f:
+        f.write(json.dumps(result, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
     if contended and not args.allow_contention:
         print("error: other processes competed for the CPU during the benchmark (" + "; ".join(reasons) +

@@ -5,6 +5,12 @@
 
 Unknown keys are errors (a typo must not be silently ignored). The YAML files in this
 folder are named after their profile; `default` values live in the dataclasses below.
+
+On the command line, every command that reads the config takes the same arguments
+(`common.cli.CommandLine`): `--profile NAME` or `profile=NAME`, and `key=value` overrides;
+`config_from` turns them into the config:
+
+    python -m experts.train DATA_ROOT --profile gpu train.epochs=3 "experts=[convnext,dae]"
 """
 from __future__ import annotations
 
@@ -15,7 +21,11 @@ from pathlib import Path
 
 import yaml
 
+from common.cli import CommandLine
+from common.errors import ConfigError, UnknownNameError
+
 CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULT_PROFILE = "cpu"
 
 
 @dataclass
@@ -27,7 +37,8 @@ class DataConfig:
     online_fake_ops: list[str] = field(default_factory=list)  # empty = all ops in data_prep.manipulations
     fake_masks: str = "ellipse"    # ellipse (from the face box) | landmarks (dlib 68-point hull, as in SBI)
     methods: list[str] = field(default_factory=list)  # keep only these methods (<split>_methods.csv); [] = all
-    folds_csv: str = ""            # data_prep.cluster_split folds: train on fold `fold`'s split ...
+    extra_reals: list[str] = field(default_factory=list)  # more real faces for reals-only experts (DAE)
+    folds_csv: str = ""            # folds.csv of experts.cluster_split: train on fold `fold`'s split ...
     fold: int = -1                 # ... (validate on its cluster); experts export as <name>_fold<k>
 
 
@@ -86,7 +97,8 @@ class EnsembleConfig:
     method: str = "auto"           # auto | lgbm | logreg | mean | rank_mean (auto: best CV AUC)
     cv: int = 5                    # folds of the meta-learner's own cross-validation
     editing_fakes: float = 0.0     # share of validation reals also fitted on as an editing fake of itself
-    folds_csv: str = ""            # cluster folds (data_prep.cluster_split): out-of-fold stacking
+    monotone: bool = True          # P(fake) may only grow with each expert's score (no negative weights)
+    folds_csv: str = ""            # cluster folds (experts.cluster_split): out-of-fold stacking
 
 
 @dataclass
@@ -132,12 +144,8 @@ class Config:
 
     def expert_config(self, name: str) -> ExpertConfig:
         if name not in self.expert:
-            raise KeyError(f"no expert named {name!r} in the config; known: {sorted(self.expert)}")
+            raise UnknownNameError(f"no expert named {name!r} in the config; known: {sorted(self.expert)}")
         return self.expert[name]
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _cast(value, typ, key: str):
@@ -201,27 +209,34 @@ def _dotted_to_nested(key: str, value) -> dict:
     return out
 
 
+def _parse_yaml(text: str, source: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from None
+
+
 def parse_overrides(overrides: list[str]) -> list[dict]:
     nested = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _parse_yaml(raw, f"override {item!r}") if raw.strip() else ""
         if isinstance(value, (int, float, bool)) or value is None:
             value = raw  # keep the raw string; _cast converts it to the declared type
         nested.append(_dotted_to_nested(key.strip(), value))
     return nested
 
 
-def load_config(profile: str = "cpu", overrides: list[str] | None = None) -> Config:
+def load_config(profile: str = DEFAULT_PROFILE, overrides: list[str] | None = None) -> Config:
     """Defaults, then configs/<profile>.yaml (or a path to a YAML file), then overrides."""
     cfg = Config()
     path = Path(profile) if profile.endswith((".yaml", ".yml")) else CONFIG_DIR / f"{profile}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"no profile {profile!r} ({path}); known profiles: {known}")
-    _merge(cfg, yaml.safe_load(path.read_text()) or {})
+    _merge(cfg, _parse_yaml(path.read_text(), str(path)) or {})
     cfg.profile = path.stem
     for update in parse_overrides(overrides or []):
         _merge(cfg, update)
@@ -229,6 +244,20 @@ def load_config(profile: str = "cpu", overrides: list[str] | None = None) -> Con
     if missing:
         raise ConfigError(f"experts {missing} have no `expert.<name>` section; known: {sorted(cfg.expert)}")
     return cfg
+
+
+def config_from(args, data_root: str | None = None) -> Config:
+    """The config of a command line parsed by `common.cli.CommandLine`: the profile's YAML,
+    then its `key=value` overrides, then `data_root` (the command's DATA_ROOT, when given)."""
+    overrides = list(args.overrides) + ([f"data_root={data_root}"] if data_root else [])
+    return load_config(args.profile or DEFAULT_PROFILE, overrides)
+
+
+def config_from_argv(argv: list[str]) -> Config:
+    """`[DATA_ROOT] [--profile NAME | profile=NAME] [key=value ...]` -> the config, exactly as
+    the commands read it (train.sh and the benchmarks use this to see the settings of a run)."""
+    args = CommandLine("config", None, positional="DATA_ROOT", required=False).parse_args(list(argv))
+    return config_from(args, data_root=args.positional)
 
 
 def to_dict(cfg) -> dict:

@@ -20,8 +20,6 @@ deterministic and one broken file does not change the fakes made from the others
 """
 from __future__ import annotations
 
-import argparse
-import io
 import os
 import shutil
 import sys
@@ -32,9 +30,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep.dataset import read_label_file
-from data_prep.demo import JPEG_QUALITY_RANGE, write_labels
-from data_prep.images import ImageDecodeError, decode_image
+from common.cli import CommandLine, entry_point
+from common.errors import OutputExistsError, UsageError
+from data_prep.dataset import read_label_file, write_label_file
+from data_prep.images import JPEG_QUALITY_RANGE, ImageDecodeError, decode_image, encode_jpeg
 from data_prep.manipulations import MANIPULATIONS, apply_manipulation, check_names
 
 
@@ -42,20 +41,20 @@ def augment_split(data_root, out, split="trainset", per_real=1, seed=0, ops=None
     """Write OUT as described in the module docstring; returns a summary dict."""
     data_root, out = Path(data_root), Path(out)
     if out.resolve() == data_root.resolve():
-        raise ValueError(f"{out}: output folder must differ from the data root")
+        raise UsageError(f"{out}: output folder must differ from the data root")
     if per_real < 1:
-        raise ValueError(f"per_real must be at least 1, got {per_real}")
+        raise UsageError(f"per_real must be at least 1, got {per_real}")
     ops = check_names(list(MANIPULATIONS) if ops is None else ops)
     rows = list(read_label_file(data_root / f"{split}_label.txt").items())
     for stale in (out / split, out / f"{split}_masks", out / f"{split}_label.txt"):
         # Refuse rather than mix: leftovers of an earlier run would be unlabelled images.
         if stale.exists():
-            raise FileExistsError(f"{stale}: already exists; delete it or choose another --out")
+            raise OutputExistsError(f"{stale}: already exists; delete it or choose another --out")
 
     _link_other_entries(data_root, out, split)
     kept_rows, missing = _link_split_images(rows, data_root / split, out / split)
     fake_rows, summary = _make_fakes(kept_rows, data_root / split, out, split, per_real, seed, ops)
-    write_labels(out / f"{split}_label.txt", kept_rows + fake_rows)
+    write_label_file(out / f"{split}_label.txt", kept_rows + fake_rows)
     summary.update(split=split, original_rows=len(kept_rows), missing=missing, out=str(out))
     return summary
 
@@ -156,9 +155,7 @@ def _write_fake(out: Path, split: str, fake_name: str, fake, mask, rng) -> None:
     for path in (image_path, mask_path):
         path.parent.mkdir(parents=True, exist_ok=True)
     quality = int(rng.integers(JPEG_QUALITY_RANGE[0], JPEG_QUALITY_RANGE[1] + 1))
-    buffer = io.BytesIO()
-    Image.fromarray(fake).save(buffer, format="JPEG", quality=quality)
-    image_path.write_bytes(buffer.getvalue())
+    image_path.write_bytes(encode_jpeg(fake, quality))
     Image.fromarray(np.rint(mask * 255).astype(np.uint8)).save(mask_path, format="PNG")
 
 
@@ -168,9 +165,9 @@ def _warn(message: str) -> None:
 
 # ---------------------------------------------------------------- command line
 
+@entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.augment",
-                                     description="Add offline editing fakes to one split.")
+    parser = CommandLine("python -m data_prep.augment", __doc__, config=False)
     parser.add_argument("data_root")
     parser.add_argument("--out", required=True, help="output data root (created)")
     parser.add_argument("--split", default="trainset")
@@ -179,12 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default="", help=f"comma list; default all: {','.join(MANIPULATIONS)}")
     args = parser.parse_args(argv)
     ops = [op.strip() for op in args.ops.split(",") if op.strip()] or None
-    try:
-        summary = augment_split(args.data_root, args.out, args.split, args.per_real, args.seed, ops)
-    except (ValueError, KeyError, FileExistsError) as exc:  # DataLayoutError is a ValueError
-        message = exc.args[0] if isinstance(exc, KeyError) else exc  # KeyError's str() adds quotes
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    summary = augment_split(args.data_root, args.out, args.split, args.per_real, args.seed, ops)
     print(f"{summary['out']}: {args.split}: {summary['original_rows']} original rows, "
           f"{summary['fakes']} fakes from {summary['reals']} reals "
           f"({summary['broken']} broken, {summary['missing']} missing); ops {summary['ops']}")

@@ -8,38 +8,25 @@ split, so its score flatters the model. The winning-solution recipe instead:
 2. cluster the embeddings with k-means into k groups,
 3. fold k validates on cluster k and trains on the other clusters.
 
-Outputs of the command line (OUT = --out):
+This module holds steps 2 and 3 and the folds file, on embeddings that are given (numbers in,
+folds out: no model is built here), plus `pseudo_labels`, which splits unlabelled embeddings
+into real and fake. The command that embeds the face crops with a backbone or a trained
+expert and writes the folds is `python -m experts.cluster_split` (it builds models, so it
+lives with the experts). Training reads the folds back:
 
-    folds.csv        img_name,target,fold   (fold -1 = unreadable image: train only)
-    clusters.json    size, n_real, n_fake, fake fraction of every cluster
-    clusters.md      the same as a Markdown table
-    tsne_cluster.png t-SNE of the embeddings coloured by cluster
-    tsne_label.png   ... coloured by real / fake
-
-`--random` writes stratified random folds instead (the baseline to compare against), and
-`--unsupervised` ignores the labels: it splits the embeddings into two clusters, names one
-fake by a documented rule (`pseudo_labels`) and writes pseudo_labels.csv.
-
-    python -m data_prep.cluster_split DATA_ROOT --out reports/folds --k 5
     train_samples, val_samples = fold_samples(samples, "reports/folds/folds.csv", k=0)
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import logging
-import sys
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 with warnings.catch_warnings():
     # torch_kmeans decorates helpers with torch.jit.script, which torch 2.x deprecates:
@@ -47,13 +34,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from torch_kmeans import KMeans
 
-from configs import ExpertConfig, FaceConfig, load_config
-from data_prep.dataset import DataLayoutError, Sample, load_splits
-from data_prep.faces import FaceCropCache
-from data_prep.images import ImageDecodeError
-from data_prep.transforms import resize_square
-
-log = logging.getLogger(__name__)
+from common.errors import UsageError
+from common.runtime import select_device
+from configs import ConfigError
+from data_prep.dataset import DataLayoutError, Sample
 
 # k-means settings. torch_kmeans' defaults (8 random inits, 100 iterations, full width)
 # take ~40 s for 4000 x 512 on one CPU core, because every iteration materialises
@@ -65,7 +49,6 @@ KMEANS_MAX_ITER = 50
 KMEANS_TOL = 1e-4  # mean centre shift (in unit-sphere units) below which an init has converged
 
 UNCLUSTERED = -1  # fold of an image that could not be read: trained on in every fold, never validated
-TSNE_MAX_POINTS = 3000  # t-SNE is quadratic-ish; a seeded subsample shows the same structure
 
 FOLDS_HEADER = ["img_name", "target", "fold"]
 
@@ -81,15 +64,6 @@ RULE_TEXT = {  # how `pseudo_labels` decides which of its two clusters is fake
 
 # ================================================================ clustering
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; an explicit 'cuda' without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
-    return torch.device(device)
-
-
 def clustering_features(emb: np.ndarray, device: str = "auto") -> torch.Tensor:
     """Embeddings -> the float32 space k-means runs in: unit length, then at most PCA_DIMS
     principal components.
@@ -104,7 +78,7 @@ def clustering_features(emb: np.ndarray, device: str = "auto") -> torch.Tensor:
         raise ValueError(f"embeddings must be a non-empty (n, d) array, got shape {emb.shape}")
     if not np.isfinite(emb).all():
         raise ValueError("embeddings contain NaN or infinite values")
-    x = F.normalize(torch.from_numpy(emb).to(resolve_device(device)), dim=1)
+    x = F.normalize(torch.from_numpy(emb).to(select_device(device)), dim=1)
     if x.shape[1] > PCA_DIMS:
         centred = x - x.mean(dim=0)
         covariance = centred.T @ centred / len(x)
@@ -118,7 +92,7 @@ def run_kmeans(features: torch.Tensor, k: int, seed: int) -> tuple[np.ndarray, t
     library numbers them. The library seeds its own generator, so the global RNG is untouched."""
     n = len(features)
     if not 2 <= k < n:
-        raise ValueError(f"k must be at least 2 and smaller than the number of points ({n}), got {k}")
+        raise UsageError(f"k must be at least 2 and smaller than the number of points ({n}), got {k}")
     model = KMeans(init_method="k-means++", num_init=min(KMEANS_INITS, n - 1), max_iter=KMEANS_MAX_ITER,
                    tol=KMEANS_TOL, seed=seed, verbose=False)
     result = model(features[None], k=k)  # the library clusters a batch: (1, n, d)
@@ -163,7 +137,7 @@ def check_unique_names(names: list[str]):
     trainset/ and valset/) cannot be told apart."""
     repeated = [name for name, count in Counter(names).items() if count > 1]
     if repeated:
-        raise ValueError(f"image names must be unique (folds are keyed by name); "
+        raise DataLayoutError(f"image names must be unique (folds are keyed by name); "
                          f"{len(repeated)} repeated, e.g. {repeated[:5]}")
 
 
@@ -197,7 +171,7 @@ def random_folds(names, targets, k: int, seed: int) -> np.ndarray:
     """
     names, targets, _ = _check_columns(names, targets, np.zeros(len(targets)))
     if k < 2:
-        raise ValueError(f"k must be at least 2, got {k}")
+        raise UsageError(f"k must be at least 2, got {k}")
     rng = np.random.default_rng(seed)
     by_name = np.argsort(names, kind="stable")
     dealing_order = []
@@ -292,10 +266,10 @@ def fold_samples(samples: list[Sample], folds: dict[str, int] | str | Path, k: i
         raise DataLayoutError(
             f"{source}: no fold for {len(missing)} of {len(samples)} images, e.g. "
             f"{[str(s.path) for s in missing[:3]]}; were the folds made for other data? "
-            f"Re-run python -m data_prep.cluster_split on this data root.")
+            f"Re-run python -m experts.cluster_split on this data root.")
     known = sorted({f for f in folds.values() if f != UNCLUSTERED})
     if k not in known:
-        raise ValueError(f"{source}: no fold {k}; folds are {known}")
+        raise ConfigError(f"{source}: no fold {k} (data.fold); folds are {known}")
     train = [s for s in samples if folds[s.name] != k]
     val = [s for s in samples if folds[s.name] == k]
     return train, val
@@ -365,196 +339,3 @@ def pseudo_labels(emb: np.ndarray, seed: int = 0, anomaly_scores=None, real_anch
 def _check_length(values: np.ndarray, n: int, what: str):
     if values.shape != (n,):
         raise ValueError(f"{what} must have shape ({n},) like the embeddings, got {values.shape}")
-
-
-# ================================================================ embedding
-
-def embed_with_backbone(samples: list[Sample], model_name: str, face_cfg: FaceConfig, cache_dir,
-                        image_size: int = 128, batch_size: int = 64, pretrained: bool = False,
-                        device: str = "cpu",
-                        embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings (n_kept, D) float32, kept_indices (n_kept,)) of the samples' face crops.
-
-    Crops come from FaceCropCache and are resized to image_size the way evaluation does.
-    Images that cannot be decoded are skipped with a one-line warning each; kept_indices
-    says which samples the rows belong to.
-
-    By default the features are those of timm `model_name` (num_classes=0, pooled), fed
-    with the model's own pretrained_cfg mean/std. `embed_fn`, when given, replaces the
-    backbone: it takes a float batch (B, 3, H, W) in [0, 1] on `device` and returns (B, D)
-    features (e.g. a trained expert's `embed`, which normalises by itself).
-    """
-    torch_device = resolve_device(device)
-    if embed_fn is None:
-        embed_fn = timm_embedder(model_name, pretrained, torch_device)
-    crops = FaceCropCache(face_cfg, cache_dir)
-
-    features, kept, batch, batch_indices = [], [], [], []
-
-    def flush():
-        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(torch_device).float() / 255.0
-        with torch.no_grad():
-            out = embed_fn(x)
-        features.append(out.float().reshape(len(batch), -1).cpu().numpy())
-        kept.extend(batch_indices)
-        batch.clear()
-        batch_indices.clear()
-
-    with logging_redirect_tqdm():  # warnings print above the progress bar, not through it
-        for index, sample in enumerate(tqdm(samples, desc="embedding", unit="img", leave=False)):
-            try:
-                crop = crops.load(sample.path)
-            except ImageDecodeError as err:
-                log.warning("skipped %s", err)
-                continue
-            batch.append(resize_square(crop, image_size))
-            batch_indices.append(index)
-            if len(batch) == batch_size:
-                flush()
-    if batch:
-        flush()
-    if not features:
-        raise ValueError(f"none of the {len(samples)} images could be read")
-    if len(kept) < len(samples):
-        log.warning("%d of %d images could not be read and were skipped", len(samples) - len(kept), len(samples))
-    return np.concatenate(features), np.asarray(kept, dtype=np.int64)
-
-
-def timm_embedder(model_name: str, pretrained: bool, device: torch.device) -> Callable:
-    """A [0, 1] batch -> pooled timm features, normalised with the model's own mean/std."""
-    from experts.base import create_backbone  # the project's one way to build a backbone
-
-    backbone = create_backbone(ExpertConfig(model=model_name, pretrained=pretrained)).to(device).eval()
-    data_cfg = backbone.pretrained_cfg or {}
-    mean = torch.tensor(data_cfg.get("mean", (0.485, 0.456, 0.406)), device=device).view(1, 3, 1, 1)
-    std = torch.tensor(data_cfg.get("std", (0.229, 0.224, 0.225)), device=device).view(1, 3, 1, 1)
-    return lambda x: backbone((x - mean) / std)
-
-
-# ================================================================ command line
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.cluster_split",
-                                     description="Re-split train+val by embedding clusters "
-                                                 "(leave one cluster out).")
-    parser.add_argument("data_root", type=Path)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--k", type=int, default=5, help="number of clusters = folds")
-    parser.add_argument("--backbone", default="resnet18", help="timm model that embeds the face crops")
-    parser.add_argument("--pretrained", action="store_true", help="hub weights for the backbone (needs network)")
-    parser.add_argument("--expert", help="embed with this trained expert (its face crop and input size) "
-                                         "instead of --backbone")
-    parser.add_argument("--weights", type=Path, default=Path("weights"), help="where --expert is")
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--profile", default="cpu", help="config profile: face crop settings and cache dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--random", action="store_true", help="stratified random folds instead (baseline)")
-    mode.add_argument("--unsupervised", action="store_true",
-                      help="ignore the labels: 2-means pseudo labels -> pseudo_labels.csv")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    try:
-        cfg = load_config(args.profile)
-        splits = load_splits(args.data_root, args.seed)
-        samples = splits["trainset"] + splits["valset"]
-        names = [s.name for s in samples]
-        targets = np.array([s.target for s in samples])
-        check_unique_names(names)  # before the slow embedding, not after it
-        if args.random:
-            folds_path = write_folds(args.out, names, targets, random_folds(names, targets, args.k, args.seed),
-                                     method=f"stratified random ({args.k} folds, seed {args.seed})")
-            print((args.out / "clusters.md").read_text())
-            print(f"wrote {folds_path}")
-            return 0
-        face, image_size, embed_fn, source = cfg.face, args.image_size, None, args.backbone
-        if args.expert:
-            from experts.weights import face_config_of, load_expert
-            model, entry = load_expert(args.weights, args.expert, resolve_device(args.device))
-            face, image_size, embed_fn = face_config_of(entry), model.image_size, model.embed
-            source = f"expert {args.expert!r}"
-        emb, kept = embed_with_backbone(samples, args.backbone, face, cfg.data.cache_dir, image_size,
-                                        args.batch_size, args.pretrained, args.device, embed_fn=embed_fn)
-        if args.unsupervised:
-            write_pseudo_labels(args.out, [samples[i] for i in kept], emb, args.seed)
-        else:
-            write_cluster_split(args.out, samples, emb, kept, args.k, args.seed, args.device,
-                                method=f"k-means (k={args.k}) on {source} embeddings")
-    except (ValueError, RuntimeError) as err:  # DataLayoutError, ConfigError are ValueErrors
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def write_cluster_split(out_dir: Path, samples: list[Sample], emb: np.ndarray, kept: np.ndarray, k: int,
-                        seed: int, device: str, method: str) -> Path:
-    """Cluster the kept samples, write folds (unreadable samples get fold -1) and t-SNE plots."""
-    from ensemble.plots import plot_embedding_tsne  # matplotlib is only needed here
-
-    clusters = np.full(len(samples), UNCLUSTERED, dtype=np.int64)
-    clusters[kept] = kmeans(emb, k, seed, device)
-    names = [s.name for s in samples]
-    targets = np.array([s.target for s in samples])
-    make_folds(names, targets, clusters)  # warns about single-class validation clusters
-    folds_path = write_folds(out_dir, names, targets, clusters, method=method)
-
-    shown = _tsne_subsample(len(kept), seed)
-    plot_embedding_tsne(emb[shown], clusters[kept][shown], out_dir / "tsne_cluster.png",
-                        f"{method}: clusters", colour_by_name="cluster")
-    plot_embedding_tsne(emb[shown], _label_names(targets[kept][shown]), out_dir / "tsne_label.png",
-                        f"{method}: labels", colour_by_name="label")
-    print((out_dir / "clusters.md").read_text())
-    print(f"wrote {folds_path}")
-    return folds_path
-
-
-def write_pseudo_labels(out_dir: Path, samples: list[Sample], emb: np.ndarray, seed: int) -> Path:
-    """pseudo_labels.csv (img_name,target) + pseudo_labels.json (rule, evidence, and AUC /
-    accuracy against the true labels when every sample has one) + t-SNE plots."""
-    from sklearn.metrics import roc_auc_score
-
-    from ensemble.plots import plot_embedding_tsne
-
-    labels, info = pseudo_labels(emb, seed=seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "pseudo_labels.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["img_name", "target"])
-        writer.writerows([s.name, int(label)] for s, label in zip(samples, labels))
-
-    report = {key: value for key, value in info.items() if key != "fake_score"}
-    true = np.array([s.target for s in samples])
-    if all(t is not None for t in true) and len(set(true.tolist())) == 2:
-        true = true.astype(np.int64)
-        report["accuracy"] = round(float((labels == true).mean()), 4)
-        report["auc"] = round(float(roc_auc_score(true, info["fake_score"])), 4)
-    (out_dir / "pseudo_labels.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-
-    shown = _tsne_subsample(len(samples), seed)
-    plot_embedding_tsne(emb[shown], _label_names(labels[shown]), out_dir / "tsne_pseudo_label.png",
-                        f"pseudo labels ({info['rule']})", colour_by_name="pseudo label")
-    if "auc" in report:
-        plot_embedding_tsne(emb[shown], _label_names(true[shown]), out_dir / "tsne_label.png",
-                            "true labels", colour_by_name="label")
-    print(json.dumps(report, indent=2))
-    print(f"wrote {csv_path}")
-    return csv_path
-
-
-def _tsne_subsample(n: int, seed: int) -> np.ndarray:
-    if n <= TSNE_MAX_POINTS:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, TSNE_MAX_POINTS, replace=False))
-
-
-def _label_names(targets) -> np.ndarray:
-    return np.where(np.asarray(targets) == 1, "fake", "real")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

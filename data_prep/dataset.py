@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import UserError
 from data_prep.images import is_image_file
 
 SPLITS = ("trainset", "valset", "testset")
+LABEL_HEADER = ("img_name", "target")
 
 
-class DataLayoutError(ValueError):
+class DataLayoutError(UserError, ValueError):
     """A data root that cannot be read; the message names the file and the reason."""
 
 
@@ -57,7 +59,7 @@ def _read_two_column_csv(path: Path, header: tuple[str, str], missing: str) -> l
 
 def read_label_file(label_file: Path) -> dict[str, int]:
     """img_name -> target from a competition label CSV, with errors naming file and line."""
-    rows = _read_two_column_csv(label_file, ("img_name", "target"), "missing label file")
+    rows = _read_two_column_csv(label_file, LABEL_HEADER, "missing label file")
     labels: dict[str, int] = {}
     for line_no, row in enumerate(rows, start=2):
         if not row or not "".join(row).strip():
@@ -71,6 +73,14 @@ def read_label_file(label_file: Path) -> dict[str, int]:
             raise DataLayoutError(f"{label_file}:{line_no}: {name!r} is listed twice")
         labels[name] = int(target)
     return labels
+
+
+def write_label_file(path: Path, rows) -> None:
+    """A competition label CSV: the header, then one `img_name,target` row per (name, target)."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(LABEL_HEADER)
+        writer.writerows(rows)
 
 
 def read_labelled_split(root: Path, split: str) -> list[Sample]:
@@ -164,6 +174,26 @@ def load_splits(root, seed: int = 0, val_fraction: float = 0.15, methods: list[s
             raise DataLayoutError(f"{root}: {split} needs both real (0) and fake (1) images, has {sorted(classes)}")
     test = read_unlabelled(root / "testset") if (root / "testset").is_dir() else []
     return {"trainset": train, "valset": val, "testset": test}
+
+
+def read_extra_reals(folder) -> list[Sample]:
+    """Real faces from another source, for the experts that learn from reals only (the DAE):
+    the reals of a labelled root's trainset (never its valset/testset), the `real/` folder
+    of a folders layout, or every image of a plain folder. An anomaly expert trained on one
+    data set's reals measures the distance from that domain; reals pooled from several
+    sources make it measure the distance from real faces instead."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataLayoutError(f"{folder}: data.extra_reals entry is not a directory")
+    if (folder / "trainset").is_dir() or (folder / "trainset_label.txt").exists():
+        reals = [s for s in read_labelled_split(folder, "trainset") if s.target == 0]
+    elif (folder / "real").is_dir():
+        reals = [Sample(p, 0) for p in list_images(folder / "real")]
+    else:
+        reals = [Sample(p, 0) for p in list_images(folder)]
+    if not reals:
+        raise DataLayoutError(f"{folder}: data.extra_reals entry holds no real images")
+    return reals
 
 
 def read_test_labels(root) -> dict[str, int] | None:

@@ -21,9 +21,6 @@ byte-identical files. Splits share the source photographs (there are only ten) b
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import io
 import re
 import shutil
 import sys
@@ -33,14 +30,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
-from data_prep.images import decode_image
+from common.cli import CommandLine, entry_point
+from common.errors import OutputExistsError, UsageError, UserError
+from data_prep.dataset import SPLITS, write_label_file
+from data_prep.images import JPEG_QUALITY_RANGE, decode_image, encode_jpeg
 from data_prep.manipulations import random_manipulation
 
-SPLITS = ("trainset", "valset", "testset")
-LABEL_HEADER = ("img_name", "target")
-JPEG_QUALITY_RANGE = (75, 95)  # inclusive; applied to reals and fakes alike
 MAX_PHOTO_SIDE = 720           # photos are shrunk once at load; crops never need more
 FACE_PHOTO_WEIGHT = 3.0        # a portrait is picked this many times as often as another photo
 FACE_CROP_PROBABILITY = 0.8    # portraits: how often the crop is built around the face
@@ -82,7 +78,7 @@ def load_source_photos() -> list[Photo]:
         candidates.append((grace_hopper, GRACE_HOPPER_FACE))
     photos = [_load_photo(path, face) for path, face in candidates if path.is_file()]
     if len(photos) < 2:
-        raise RuntimeError("demo needs the photographs shipped with scikit-image / matplotlib; "
+        raise UserError("demo needs the photographs shipped with scikit-image / matplotlib; "
                            f"found only {[p.name for p in photos]}")
     return photos
 
@@ -180,7 +176,7 @@ def build_split(photos, split_dir: Path, n_images: int, size: int, rng) -> list[
             image, _, _ = random_manipulation(image, rng, donor=donor, face_box=face_box)
         name = _unique_hex_name(rng, used_names)
         quality = int(rng.integers(JPEG_QUALITY_RANGE[0], JPEG_QUALITY_RANGE[1] + 1))
-        (split_dir / name).write_bytes(_jpeg_bytes(image, quality))
+        (split_dir / name).write_bytes(encode_jpeg(image, quality))
         rows.append((name, int(target)))
     return rows
 
@@ -193,25 +189,12 @@ def _unique_hex_name(rng, used: set) -> str:
             return name
 
 
-def _jpeg_bytes(rgb: np.ndarray, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def write_labels(path: Path, rows) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(LABEL_HEADER)
-        writer.writerows(rows)
-
-
 def _prepare_split_dir(split_dir: Path) -> None:
     """Empty a previous demo split (only if every file in it is ours), then create it."""
     if split_dir.exists():
         foreign = [p.name for p in split_dir.iterdir() if not _DEMO_FILE.match(p.name)]
         if foreign:
-            raise FileExistsError(f"{split_dir}: holds files the demo did not write "
+            raise OutputExistsError(f"{split_dir}: holds files the demo did not write "
                                   f"(e.g. {foreign[0]}); choose another output folder")
         shutil.rmtree(split_dir)
     split_dir.mkdir(parents=True)
@@ -222,10 +205,10 @@ def _prepare_split_dir(split_dir: Path) -> None:
 def build_demo(out_dir, seed=0, n_train=200, n_val=80, n_test=80, size=160) -> Path:
     """Build the demo data set under out_dir and return it as a Path."""
     if size < 32:
-        raise ValueError(f"size must be at least 32 pixels, got {size}")
+        raise UsageError(f"size must be at least 32 pixels, got {size}")
     counts = {"trainset": n_train, "valset": n_val, "testset": n_test}
     if any(n < 0 for n in counts.values()):
-        raise ValueError(f"image counts must be >= 0, got {counts}")
+        raise UsageError(f"image counts must be >= 0, got {counts}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     photos = load_source_photos()
@@ -234,12 +217,13 @@ def build_demo(out_dir, seed=0, n_train=200, n_val=80, n_test=80, size=160) -> P
         split_dir = out / split
         _prepare_split_dir(split_dir)
         rows = build_split(photos, split_dir, counts[split], size, rng)
-        write_labels(out / f"{split}_label.txt", rows)
+        write_label_file(out / f"{split}_label.txt", rows)
     return out
 
 
+@entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.demo", description=__doc__.split("\n")[0])
+    parser = CommandLine("python -m data_prep.demo", __doc__, config=False)
     parser.add_argument("out", help="output folder (the data root)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=200)
@@ -248,11 +232,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=160, help="side of the square images")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        out = build_demo(args.out, args.seed, args.n_train, args.n_val, args.n_test, args.size)
-    except (ValueError, FileExistsError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = build_demo(args.out, args.seed, args.n_train, args.n_val, args.n_test, args.size)
     counts = ", ".join(f"{s} {n}" for s, n in zip(SPLITS, (args.n_train, args.n_val, args.n_test)))
     print(f"demo data set in {out}: {counts} images (half fake), {args.size}px, "
           f"seed {args.seed}, {time.perf_counter() - start:.1f} s")

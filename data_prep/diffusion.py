@@ -50,7 +50,6 @@ CPU smoke demo with a tiny random pipeline (the images are noise, the code path 
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import os
@@ -69,6 +68,10 @@ from PIL import Image, JpegImagePlugin
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from common.cli import CommandLine, entry_point
+from common.errors import UsageError, UserError
+from common.files import atomic_write
+from common.runtime import select_device
 from data_prep.dataset import read_label_file
 from data_prep.images import ImageDecodeError, decode_image
 
@@ -86,7 +89,7 @@ CENTRE_JITTER, RADIUS_JITTER = 0.04, 0.12  # +- fraction of the size / of the ra
 FEATHER_FRACTION = 0.04  # blur sigma of the soft edge, as a fraction of the short side
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model that cannot be loaded; the message names it and says why."""
 
 
@@ -124,7 +127,7 @@ def load_pipelines(model: str, device: str = "auto", img2img_model: str | None =
     img2img comes from `img2img_model` when given, else from `model`'s own weights when its
     UNet takes 4 channels; an inpainting UNet (9 channels) leaves img2img unavailable.
     """
-    device = resolve_device(device)
+    device = select_device(device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     inpaint = _from_pretrained(StableDiffusionInpaintPipeline, model, dtype)
     channels = inpaint.unet.config.in_channels
@@ -150,14 +153,6 @@ def load_pipelines(model: str, device: str = "auto", img2img_model: str | None =
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)  # one tqdm bar over the whole run instead
     return Pipelines(inpaint, img2img, device, reason)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
 
 
 def hub_offline() -> bool:
@@ -254,17 +249,17 @@ def generate_fakes(data_root, out, pipelines: Pipelines, split: str = "trainset"
 
 def _check_settings(mode, per_real, batch_size, steps, strength, size, limit) -> None:
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise UsageError(f"mode must be one of {MODES}, got {mode!r}")
     if per_real < 1 or batch_size < 1 or steps < 1:
-        raise ValueError("per_real, batch_size and steps must be >= 1")
+        raise UsageError("per_real, batch_size and steps must be >= 1")
     if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+        raise UsageError(f"strength must be in (0, 1], got {strength}")
     if int(steps * strength) < 1:  # diffusers runs int(steps * strength) denoising steps
-        raise ValueError(f"steps * strength = {steps * strength:g} leaves no denoising step; raise --steps")
+        raise UsageError(f"steps * strength = {steps * strength:g} leaves no denoising step; raise --steps")
     if size < 8 or size % 8:
-        raise ValueError(f"size must be a positive multiple of 8 (the VAE's downscale), got {size}")
+        raise UsageError(f"size must be a positive multiple of 8 (the VAE's downscale), got {size}")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise UsageError(f"limit must be >= 0, got {limit}")
 
 
 def _usable_modes(mode: str, pipelines: Pipelines) -> tuple[list[str], dict[str, str]]:
@@ -387,14 +382,8 @@ def jpeg_settings_like(real_path: Path) -> dict:
 
 def _save_atomically(image: Image.Image, path: Path, **save_options) -> None:
     # Write then rename: a killed run never leaves a half-written file that looks finished.
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        image.save(tmp, **save_options)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path, "wb") as handle:
+        image.save(handle, **save_options)
 
 
 # ================================================================ the output label file
@@ -487,10 +476,9 @@ def _byte_level_alphabet() -> list[int]:
 
 # ================================================================ command line
 
+@entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_prep.diffusion",
-        description="Make Stable Diffusion fakes from the real images of a split.")
+    parser = CommandLine("python -m data_prep.diffusion", __doc__, config=False)
     parser.add_argument("data_root", type=Path)
     parser.add_argument("--model", required=True, help="local pipeline directory or hub id")
     parser.add_argument("--out", required=True, type=Path)
@@ -510,20 +498,16 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N real images")
     args = parser.parse_args(argv)
 
-    try:
-        # Check the cheap things (settings, label file) before loading a multi-GB model.
-        _check_settings(args.mode, args.per_real, args.batch_size, args.steps, args.strength,
-                        args.size, args.limit)
-        read_label_file(args.data_root / f"{args.split}_label.txt")
-        pipelines = load_pipelines(args.model, args.device, args.img2img_model)
-        summary = generate_fakes(
-            args.data_root, args.out, pipelines, split=args.split, mode=args.mode,
-            per_real=args.per_real, batch_size=args.batch_size, steps=args.steps,
-            strength=args.strength, guidance=args.guidance, size=args.size,
-            prompt=args.prompt, seed=args.seed, limit=args.limit)
-    except (ModelLoadError, ValueError) as exc:  # DataLayoutError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # Check the cheap things (settings, label file) before loading a multi-GB model.
+    _check_settings(args.mode, args.per_real, args.batch_size, args.steps, args.strength,
+                    args.size, args.limit)
+    read_label_file(args.data_root / f"{args.split}_label.txt")
+    pipelines = load_pipelines(args.model, args.device, args.img2img_model)
+    summary = generate_fakes(
+        args.data_root, args.out, pipelines, split=args.split, mode=args.mode,
+        per_real=args.per_real, batch_size=args.batch_size, steps=args.steps,
+        strength=args.strength, guidance=args.guidance, size=args.size,
+        prompt=args.prompt, seed=args.seed, limit=args.limit)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from configs import FaceConfig
+from common.files import atomic_write
+from configs import ConfigError, FaceConfig
 from data_prep.images import decode_image
 
 _DETECTOR = None  # one cascade per process; skimage's Cascade is not picklable across workers
@@ -89,7 +90,7 @@ def detect_face(rgb: np.ndarray, cfg: FaceConfig) -> tuple[int, int, int, int] |
         if box is not None and min(box[2], box[3]) >= cfg.min_face * min(rgb.shape[:2]):
             return box
         return None
-    raise ValueError(f"face.detector must be 'lbp' or 'dlib', got {cfg.detector!r}")
+    raise ConfigError(f"face.detector must be 'lbp' or 'dlib', got {cfg.detector!r}")
 
 
 def crop_face(rgb: np.ndarray, cfg: FaceConfig) -> tuple[np.ndarray, bool]:
@@ -103,7 +104,7 @@ def crop_face(rgb: np.ndarray, cfg: FaceConfig) -> tuple[np.ndarray, bool]:
         x0, y0 = x0 + (x1 - x0 - size) // 2, y0 + (y1 - y0 - size) // 2
         x1, y1 = x0 + size, y0 + size
     elif cfg.shrink not in ("resize", "center"):
-        raise ValueError(f"face.shrink must be 'resize' or 'center', got {cfg.shrink!r}")
+        raise ConfigError(f"face.shrink must be 'resize' or 'center', got {cfg.shrink!r}")
     crop = rgb[y0:y1, x0:x1]
     interp = cv2.INTER_AREA if crop.shape[0] > size else cv2.INTER_CUBIC
     return np.ascontiguousarray(cv2.resize(crop, (size, size), interpolation=interp)), box is not None
@@ -158,11 +159,6 @@ class FaceCropCache:
             except (OSError, ValueError):
                 pass  # a half-written cache file from a killed run: recompute it
         array = compute()
-        _save_atomically(cached, array)
+        with atomic_write(cached, "wb") as handle:  # parallel workers never read a partial file
+            np.save(handle, array, allow_pickle=False)
         return array
-
-
-def _save_atomically(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, array, allow_pickle=False)
-    os.replace(tmp, path)  # atomic: parallel workers never read a partial file

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from common.errors import UserError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 # Larger images are refused before decoding: 8192^2 RGB is already 200 MB of pixels.
@@ -35,8 +37,12 @@ ALPHA_BACKGROUND = (255, 255, 255)
 
 BYTES_SOURCE_NAME = "<bytes>"  # how an in-memory source is named in error messages
 
+# The data builders (data_prep.demo, data_prep.augment) save reals and fakes alike as JPEGs
+# of a random quality in this range (inclusive), so the compression never tells them apart.
+JPEG_QUALITY_RANGE = (75, 95)
 
-class ImageDecodeError(Exception):
+
+class ImageDecodeError(UserError):
     """A file that cannot be used as an image; `str(e)` is "<path>: <reason>"."""
 
     def __init__(self, path, reason: str):
@@ -70,6 +76,13 @@ def decode_image(source) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- reading and opening
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    """H x W x 3 uint8 RGB -> the bytes of a JPEG of that quality (how the data builders save)."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
 
 def _read_source(source) -> tuple[str, bytes]:
     """(name for messages, file bytes) of a path or a bytes object."""

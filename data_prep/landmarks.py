@@ -16,13 +16,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.errors import UserError
+
 N_POINTS = 68
 JAW, BROWS, NOSE, EYES, MOUTH = (slice(0, 17), slice(17, 27), slice(27, 36), slice(36, 48),
                                  slice(48, 68))
 _MODELS = None  # (detector, predictor), one per process
 
 
-class LandmarksUnavailable(RuntimeError):
+class LandmarksUnavailable(UserError, RuntimeError):
     """dlib or the shape-predictor weights are not installed."""
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from common.errors import UnknownNameError
 from data_prep.landmarks import landmark_region
 
 MIN_SIDE = 8                   # smallest image side the ops accept
@@ -405,7 +406,7 @@ def check_names(names) -> list[str]:
     names = [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in MANIPULATIONS]
     if unknown or not names:
-        raise KeyError(f"unknown manipulation(s) {unknown or '(none given)'}; "
+        raise UnknownNameError(f"unknown manipulation(s) {unknown or '(none given)'}; "
                        f"valid names: {', '.join(MANIPULATIONS)}")
     return names
 

@@ -20,6 +20,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common.cli import CommandLine, entry_point
+from common.errors import UsageError, UserError
+
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})
 AGGREGATION_RULES = ("mean", "median", "confidence", "max")
 LABELS_FILE = "labels.csv"
@@ -31,7 +34,7 @@ SEEK_MIN_GAP = 128
 CONFIDENCE_EPS = 1e-3  # keeps the weights positive when every frame says exactly 0.5
 
 
-class VideoDecodeError(Exception):
+class VideoDecodeError(UserError):
     """A file that cannot be used as a video; `str(e)` is "<path>: <reason>"."""
 
     def __init__(self, path, reason: str):
@@ -40,7 +43,7 @@ class VideoDecodeError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
-class VideoLabelError(ValueError):
+class VideoLabelError(UserError, ValueError):
     """A labelled video folder that cannot be read; the message names the file and the reason."""
 
 
@@ -58,7 +61,7 @@ def sample_frames(path, n_frames: int = 16) -> list[tuple[int, np.ndarray]]:
     returned once). Raises VideoDecodeError for a missing, unopenable or frameless file.
     """
     if n_frames < 1:
-        raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+        raise UsageError(f"n_frames must be >= 1, got {n_frames}")
     path = Path(path)
     if not path.is_file():
         raise VideoDecodeError(path, "no such file" if not path.exists() else "not a file")
@@ -262,22 +265,17 @@ def extract_frames_layout(video_root, out, n_frames: int = 16, val_fraction: flo
     return out
 
 
+@entry_point
 def main(argv=None) -> int:
-    """python -m data_prep.video VIDEO_ROOT OUT [--frames 16] [--seed 0]: frames -> data root."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description="Extract labelled video frames into an image data root.")
+    parser = CommandLine("python -m data_prep.video", "Extract the frames of a labelled video folder into an "
+                         "image data root.\n\n    python -m data_prep.video VIDEO_ROOT OUT [--frames 16] [--seed 0]",
+                         config=False)
     parser.add_argument("video_root", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        out = extract_frames_layout(args.video_root, args.out, args.frames, seed=args.seed)
-    except (VideoLabelError, VideoDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out = extract_frames_layout(args.video_root, args.out, args.frames, seed=args.seed)
     print(f"frames of {args.video_root} written to {out}")
     return 0
 

@@ -12,7 +12,7 @@ stacker, or the plain mean without one) and for two baselines (plain mean and ra
 the expert scores): AUC, AP, EER, accuracy, TPR at 1 % / 5 % FPR, ECE and Brier score.
 
 Decision threshold: chosen per model on the validation split (Youden's J, see
-`ensemble.metrics.choose_threshold`) and applied unchanged to the evaluated split, so test
+`common.metrics.choose_threshold`) and applied unchanged to the evaluated split, so test
 accuracy is honest. With `--split valset` threshold and stacker were both fitted on the
 evaluated images: those numbers are optimistic (metrics.json says so).
 
@@ -42,22 +42,24 @@ no usable weights.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from configs import Config, ConfigError
-from data_prep.dataset import (DataLayoutError, Sample, list_images, load_splits, read_labelled_split,
+from common.cli import CommandLine, entry_point
+from common.errors import UsageError, UserError
+from common.files import atomic_write
+from common.inputs import to_unit_float
+from common.metrics import choose_threshold, evaluate_scores, markdown_table, roc_auc
+from configs import Config, config_from
+from data_prep.dataset import (Sample, list_images, load_splits, read_labelled_split,
                                read_methods_file)
-from ensemble.metrics import choose_threshold, evaluate_scores, markdown_table, roc_auc
 
 log = logging.getLogger("ensemble.evaluate")
 
@@ -70,7 +72,7 @@ PLOT_FILES = {"roc": "roc.png", "score_hist": "score_hist.png", "reliability": "
               "tsne": "tsne.png", "gradcam": "gradcam.png"}
 
 
-class EvaluationError(Exception):
+class EvaluationError(UserError):
     """Evaluation cannot run; the message says why in one line."""
 
 
@@ -274,7 +276,7 @@ def _load_crops(detector, paths: list[Path], size: int):
 
 @torch.no_grad()
 def plot_tsne(detector, paths: list[Path], y: np.ndarray, path: Path, seed: int, batch_size: int):
-    from ensemble.plots import plot_embedding_tsne
+    from common.plots import plot_embedding_tsne
 
     name, model = _first_expert(detector, _implements_embed)
     if model is None:
@@ -285,7 +287,7 @@ def plot_tsne(detector, paths: list[Path], y: np.ndarray, path: Path, seed: int,
     embeddings = []
     for start in range(0, len(chosen), batch_size):
         crops = _load_crops(detector, [paths[i] for i in chosen[start:start + batch_size]], model.image_size)
-        x = torch.stack([t for _, t in crops]).to(detector.device).float().div_(255)
+        x = to_unit_float(torch.stack([t for _, t in crops]), detector.device)
         embeddings.append(model.embed(x).float().flatten(1).cpu().numpy())
     labels = np.where(y[chosen] == 1, "1 fake", "0 real")  # sorted: real first, as in the other plots
     result = plot_embedding_tsne(np.concatenate(embeddings), labels, path,
@@ -297,7 +299,7 @@ def plot_tsne(detector, paths: list[Path], y: np.ndarray, path: Path, seed: int,
 
 def plot_gradcam(detector, paths: list[Path], y: np.ndarray, p: np.ndarray, path: Path, n: int, seed: int):
     from ensemble.gradcam import grad_cam
-    from ensemble.plots import plot_heatmaps
+    from common.plots import plot_heatmaps
 
     name, model = _first_expert(detector, lambda m: m.gradcam_layer() is not None)
     if model is None:
@@ -310,7 +312,7 @@ def plot_gradcam(detector, paths: list[Path], y: np.ndarray, p: np.ndarray, path
     if not chosen:
         raise EvaluationError("no images for Grad-CAM")
     crops = _load_crops(detector, [paths[i] for i in chosen], model.image_size)
-    x = torch.stack([t for _, t in crops]).to(detector.device).float().div_(255)
+    x = to_unit_float(torch.stack([t for _, t in crops]), detector.device)
     prefix = getattr(model, "num_prefix_tokens", None)
     if prefix is None:
         prefix = getattr(getattr(model, "backbone", None), "num_prefix_tokens", 0)
@@ -322,7 +324,7 @@ def plot_gradcam(detector, paths: list[Path], y: np.ndarray, p: np.ndarray, path
 
 
 def make_plots(detector, reports: Path, paths, y, scores, n_gradcam: int, cfg: Config) -> tuple[dict, dict]:
-    from ensemble import plots
+    from common import plots
 
     curves = {name: scores[name] for name in [*detector.experts, ENSEMBLE]}
     jobs = {
@@ -361,21 +363,16 @@ def _json_safe(value):
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def write_scores_csv(path: Path, names, y, scores: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["img_name", "target", *scores])
         for i, name in enumerate(names):
             writer.writerow([name, int(y[i]), *(f"{float(p[i]):.6f}" for p in scores.values())])
-    os.replace(tmp, path)
 
 
 def markdown_report(result: dict) -> str:
@@ -490,12 +487,8 @@ def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, vi
     return result
 
 
-def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="python -m ensemble.evaluate",
-                                     description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rest", nargs="*", metavar="DATA_ROOT [profile=P] [key=value ...]",
-                        help="data root, then config overrides as for ensemble.fit")
+def parse_args(argv: list[str] | None):
+    parser = CommandLine("python -m ensemble.evaluate", __doc__, positional="DATA_ROOT", required=False)
     parser.add_argument("--split", default="testset", choices=SPLIT_CHOICES)
     parser.add_argument("--test", metavar="DIR", help="evaluate any labelled folder instead of a split: "
                         "X/ with X_label.txt beside it, a data root, or real/ + fake/")
@@ -506,34 +499,23 @@ def parse_args(argv: list[str]):
     parser.add_argument("--gradcam", type=int, default=4, metavar="N",
                         help="Grad-CAM for N real and N fake images (0 = none)")
     parser.add_argument("--no-plots", action="store_true", help="metrics only")
-    # intermixed: the data root and key=value overrides may come before or after the options
-    return parser.parse_intermixed_args(argv)
+    return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.frames < 1 or args.gradcam < 0:
+        raise UsageError("--frames must be >= 1 and --gradcam >= 0")
+    data_root = args.positional
+    if data_root and args.test is None and not any(
+            (Path(data_root) / sub).is_dir() for sub in ("trainset", "testset", "real")):
+        # not a data root but a labelled folder (X/ with X_label.txt beside it): test it
+        args.test, data_root = data_root, None
+    cfg = config_from(args, data_root=data_root)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    from data_prep.video import VideoLabelError
-    from ensemble.fit import config_from_argv
-    from experts.weights import WeightsError
-
-    try:
-        positional = [a for a in args.rest if "=" not in a]
-        if len(positional) > 1:
-            raise EvaluationError(f"one DATA_ROOT expected, got {positional}")
-        if args.frames < 1 or args.gradcam < 0:
-            raise EvaluationError("--frames must be >= 1 and --gradcam >= 0")
-        rest = args.rest
-        if positional and args.test is None and not any(
-                (Path(positional[0]) / sub).is_dir() for sub in ("trainset", "testset", "real")):
-            # not a data root but a labelled folder (X/ with X_label.txt beside it): test it
-            args.test, rest = positional[0], [a for a in rest if a != positional[0]]
-        cfg, _ = config_from_argv(rest)
-        result = evaluate(cfg, args.split, args.weights, args.reports, args.videos,
-                          args.gradcam, not args.no_plots, args.frames, args.test)
-    except (EvaluationError, WeightsError, DataLayoutError, VideoLabelError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = evaluate(cfg, args.split, args.weights, args.reports, args.videos,
+                      args.gradcam, not args.no_plots, args.frames, args.test)
     print(markdown_report(result), end="")
     reports = Path(args.reports or cfg.reports)
     print(f"wrote {reports / 'metrics.json'}, {reports / 'metrics.md'}"

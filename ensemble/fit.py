@@ -1,6 +1,6 @@
 """Fit the stacking meta-learner on out-of-fold expert scores.
 
-    python -m ensemble.fit DATA_ROOT [profile=cpu] [key=value ...]
+    python -m ensemble.fit DATA_ROOT [--profile NAME | profile=NAME] [key=value ...]
 
 Hold-out blending: every expert scores the validation split, which none of them trained on
 (it only chose each expert's best epoch), and the meta-learner is fitted on those scores.
@@ -22,28 +22,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs import Config, load_config
+from common.cli import CommandLine, entry_point
+from common.errors import UsageError
+from common.runtime import sample_seed
+from configs import Config, config_from
 from data_prep.dataset import Sample, load_splits
 from data_prep.faces import FaceCropCache
 from data_prep.images import ImageDecodeError
 from data_prep.manipulations import fake_from_face_crop
 from data_prep.transforms import resize_square, to_tensor
 from ensemble.predictor import ENSEMBLE_FILE, Detector, score_samples
-from ensemble.stacking import StackingEnsemble, assemble_oof_matrix
-from experts.train import sample_seed
-from experts.weights import sha256_file, update_manifest
+from ensemble.stacking import LeakageError, StackingEnsemble, assemble_oof_matrix
+from experts.weights import sha256_file, stage_file, update_manifest
 
 log = logging.getLogger("ensemble.fit")
-
-
-def config_from_argv(argv: list[str]) -> tuple[Config, list[str]]:
-    """`[DATA_ROOT] [profile=P] [key=value ...]` -> (config, positional args)."""
-    positional = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a and not a.startswith("profile=")]
-    profile = next((a.split("=", 1)[1] for a in argv if a.startswith("profile=")), "cpu")
-    if positional:
-        overrides.append(f"data_root={positional[0]}")
-    return load_config(profile, overrides), positional
 
 
 def editing_fake_features(detector: Detector, reals: list[Sample], cfg: Config) -> np.ndarray:
@@ -70,20 +62,43 @@ def editing_fake_features(detector: Detector, reals: list[Sample], cfg: Config) 
     return np.concatenate(rows) if rows else np.zeros((0, len(detector.feature_names())))
 
 
+def content_id(path) -> str | None:
+    """sha256 of a file's bytes; None when it cannot be read (nothing trained or scored on it)."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+def check_no_trainset_copies(val: list[Sample], trained: dict[str, str], where) -> list[str | None]:
+    """The content ids of the validation samples; LeakageError naming them when some are
+    byte-identical copies of training images (`trained`: content id -> trainset name)."""
+    ids = [content_id(s.path) for s in val]
+    copies = [f"{s.name} = trainset/{trained[h]}" for s, h in zip(val, ids) if h in trained]
+    if copies:
+        raise LeakageError(f"{where}: {len(copies)} valset image(s) are copies of trainset images the "
+                           f"experts trained on, e.g. {copies[:3]}; the stacker must not be fitted on "
+                           f"their scores. Remove them (python -m data_prep.audit lists every duplicate)")
+    return ids
+
+
 def fit_ensemble(cfg: Config) -> dict:
     splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods)
-    detector = Detector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta, use_stacker=False)
+    # The guard: no expert may be stacked on a score of an image it was trained on. Compared
+    # by content, not by name: a trainset image copied into valset under a new name is caught,
+    # and two different images that share a name are not confused. Checked before scoring.
+    trained = {h: s.name for s in splits["trainset"] if (h := content_id(s.path))}
     val = splits["valset"]
+    val_ids = check_no_trainset_copies(val, trained, cfg.data_root)
+    detector = Detector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta, use_stacker=False)
     _, features, errors = score_samples(detector, [s.path for s in val], cfg.train.batch_size,
                                         cfg.data.num_workers, progress=sys.stderr.isatty())
     keep = [i for i in range(len(val)) if i not in errors]
-    names = [val[i].name for i in keep]
+    ids = [val_ids[i] for i in keep]
     y = np.array([val[i].target for i in keep])
     columns = detector.feature_names()
-    # The guard: no expert may be stacked on a score of an image it was trained on.
-    trained = {s.name for s in splits["trainset"]}
-    expert_scores = {col: dict(zip(names, features[keep, j])) for j, col in enumerate(columns)}
-    X = assemble_oof_matrix(expert_scores, {col: trained for col in columns}, names)
+    expert_scores = {col: dict(zip(ids, features[keep, j])) for j, col in enumerate(columns)}
+    X = assemble_oof_matrix(expert_scores, {col: set(trained) for col in columns}, ids)
     n_editing = 0
     if cfg.ensemble.editing_fakes > 0:
         reals = [val[i] for i in keep if val[i].target == 0]
@@ -92,13 +107,13 @@ def fit_ensemble(cfg: Config) -> dict:
         extra = editing_fake_features(detector, [reals[i] for i in chosen], cfg)
         X, y, n_editing = np.vstack([X, extra]), np.concatenate([y, np.ones(len(extra), int)]), len(extra)
 
+    # Every expert score means "higher is faker"; the TTA spreads may point either way.
+    monotone = [int(cfg.ensemble.monotone and col in detector.experts) for col in columns]
     stacker = StackingEnsemble(method=cfg.ensemble.method, cv=cfg.ensemble.cv, random_state=cfg.seed,
-                               feature_names=columns).fit(X, y)
+                               feature_names=columns, monotone=monotone).fit(X, y)
     out = Path(cfg.out)
     path = out / ENSEMBLE_FILE
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(stacker.to_state()))
-    os.replace(tmp, path)
+    os.replace(stage_file(path, json.dumps(stacker.to_state()).encode()), path)  # a full disk: one line
     entry = {"file": path.name, "sha256": sha256_file(path), "experts": list(detector.experts),
              "tta": detector.tta, "method": stacker.method_, "feature_names": columns,
              "cv_auc": stacker.cv_auc_,
@@ -110,11 +125,13 @@ def fit_ensemble(cfg: Config) -> dict:
     return entry
 
 
+@entry_point
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    cfg, _ = config_from_argv(list(sys.argv[1:] if argv is None else argv))
+    args = CommandLine("python -m ensemble.fit", __doc__, positional="DATA_ROOT", required=False).parse_args(argv)
+    cfg = config_from(args, data_root=args.positional)
     if not cfg.data_root:
-        raise SystemExit("error: python -m ensemble.fit DATA_ROOT [key=value ...]")
+        raise UsageError("no data root: python -m ensemble.fit DATA_ROOT [key=value ...]")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     fit_ensemble(cfg)
     return 0
 

@@ -16,21 +16,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from configs import FaceConfig
+from common.inputs import to_unit_float
+from common.runtime import select_device
+from configs import ConfigError, FaceConfig
 from data_prep.faces import crop_face
 from data_prep.images import ImageDecodeError, decode_image
 from data_prep.transforms import resize_square, to_tensor
 from experts.weights import WeightsError, face_config_of, load_expert, read_manifest, verified_file
 
 ENSEMBLE_FILE = "ensemble.json"
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise WeightsError("--device cuda: no CUDA device is visible")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 @dataclass
@@ -54,7 +48,7 @@ class Detector:
         unknown = [n for n in names if n not in available]
         if unknown:
             raise WeightsError(f"{weights_dir}: no expert(s) {unknown}; available: {available}")
-        dev = pick_device(device)
+        dev = select_device(device)
         loaded, faces = {}, set()
         for name in names:
             loaded[name], entry = load_expert(weights_dir, name, dev)
@@ -85,7 +79,7 @@ class Detector:
     def expert_features(self, batch: dict[int, torch.Tensor]) -> np.ndarray:
         """(B, n_features): each expert's P(fake), averaged over TTA views, then (with TTA)
         each expert's spread between views, a cue of uncertainty the stacker may use."""
-        inputs = {size: t.to(self.device, non_blocking=True).float().div_(255) for size, t in batch.items()}
+        inputs = {size: to_unit_float(t, self.device) for size, t in batch.items()}
         means, spreads = [], []
         for model in self.experts.values():
             x = inputs[model.image_size]
@@ -119,7 +113,7 @@ def tta_views(x: torch.Tensor, tta: list[str]) -> list[torch.Tensor]:
     of the face's apparent size."""
     unknown = set(tta) - set(TTA_VIEWS)
     if unknown:
-        raise ValueError(f"unknown test-time augmentation {sorted(unknown)}; known: {list(TTA_VIEWS)}")
+        raise ConfigError(f"train.tta: unknown test-time augmentation {sorted(unknown)}; known: {list(TTA_VIEWS)}")
     views = [x]
     if "hflip" in tta:
         views.append(x.flip(3))

@@ -24,6 +24,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
+from common.errors import UserError
+
 # Small trees and strong leaf minimums: stacking data has few rows.
 DEFAULT_LGBM_PARAMS = {
     "num_leaves": 7,
@@ -111,18 +113,21 @@ class _LogRegCombiner:
     """
     name = "logreg"
 
-    def __init__(self, mean=None, scale=None, coef=None, intercept=0.0):
+    def __init__(self, mean=None, scale=None, coef=None, intercept=0.0, monotone=None):
         self.mean, self.scale, self.coef, self.intercept = mean, scale, coef, intercept
+        self.monotone = monotone
 
     def fit(self, X, y):
         z = _logit(X)
         self.mean = z.mean(axis=0)
         self.scale = z.std(axis=0)
         self.scale[self.scale == 0] = 1.0  # constant column: leave it unscaled
-        model = LogisticRegression(C=1.0, max_iter=1000)
-        model.fit((z - self.mean) / self.scale, y)
-        self.coef = model.coef_.ravel()
-        self.intercept = float(model.intercept_[0])
+        z = (z - self.mean) / self.scale
+        if self.monotone is None or not any(self.monotone):
+            model = LogisticRegression(C=1.0, max_iter=1000).fit(z, y)
+            self.coef, self.intercept = model.coef_.ravel(), float(model.intercept_[0])
+        else:
+            self.coef, self.intercept = _nonnegative_logistic(z, y, self.monotone, C=1.0)
         return self
 
     def predict(self, X):
@@ -137,6 +142,27 @@ class _LogRegCombiner:
     def from_state(cls, state):
         return cls(np.asarray(state["mean"]), np.asarray(state["scale"]),
                    np.asarray(state["coef"]), float(state["intercept"]))
+
+
+def _nonnegative_logistic(z, y, monotone, C):
+    """L2-regularised logistic regression (sklearn's objective: 0.5 |w|^2 + C * log-loss)
+    whose coefficient j is >= 0 wherever monotone[j] is 1 (Breiman's non-negative stacking)."""
+    from scipy.optimize import minimize
+
+    sign = 2.0 * y - 1.0
+
+    def objective(params):
+        w, b = params[:-1], params[-1]
+        margin = sign * (z @ w + b)
+        loss = np.logaddexp(0.0, -margin)
+        grad_margin = -sign * np.exp(-np.logaddexp(0.0, margin))  # d loss / d (z w + b)
+        value = 0.5 * w @ w + C * loss.sum()
+        grad = np.append(w + C * (z.T @ grad_margin), C * grad_margin.sum())
+        return value, grad
+
+    bounds = [(0.0, None) if m else (None, None) for m in monotone] + [(None, None)]
+    result = minimize(objective, np.zeros(z.shape[1] + 1), jac=True, method="L-BFGS-B", bounds=bounds)
+    return result.x[:-1], float(result.x[-1])
 
 
 class _LGBMCombiner:
@@ -159,7 +185,7 @@ class _LGBMCombiner:
 
     def fit(self, X, y):
         import lightgbm
-        model = lightgbm.LGBMClassifier(**self.params)
+        model = lightgbm.LGBMClassifier(**self.params)  # monotone: params["monotone_constraints"]
         model.fit(X, y)
         self.model_string = model.booster_.model_to_string()
         self._booster = self._load(self.model_string)
@@ -203,18 +229,24 @@ class StackingEnsemble(BaseEstimator, ClassifierMixin):
     feature_names : optional column names (taken from X.columns when X is a
         DataFrame).
     lgbm_params : overrides merged into DEFAULT_LGBM_PARAMS.
+    monotone : optional 0/1 per column; 1 = P(fake) may only grow with this column
+        (logreg: a non-negative coefficient; lgbm: a monotone constraint). Expert scores
+        all mean "higher is faker": a learner that may weight one negatively fits how an
+        expert fails on the validation set's own methods, which reverses on new ones.
 
     Fitted attributes: ``method_`` (chosen combiner), ``cv_auc_`` (method ->
     CV AUC; only the fixed method unless 'auto'), ``n_features_in_``,
     ``feature_names_in_`` (list or None), ``classes_``.
     """
 
-    def __init__(self, method="auto", cv=5, random_state=0, feature_names=None, lgbm_params=None):
+    def __init__(self, method="auto", cv=5, random_state=0, feature_names=None, lgbm_params=None,
+                 monotone=None):
         self.method = method
         self.cv = cv
         self.random_state = random_state
         self.feature_names = feature_names
         self.lgbm_params = lgbm_params
+        self.monotone = monotone
 
     # -- fitting -----------------------------------------------------------
 
@@ -223,6 +255,8 @@ class StackingEnsemble(BaseEstimator, ClassifierMixin):
         X, y = self._validate_training_data(X, y)
         if names is not None and len(names) != X.shape[1]:
             raise ValueError(f"{len(names)} feature names for {X.shape[1]} columns")
+        if self.monotone is not None and len(self.monotone) != X.shape[1]:
+            raise ValueError(f"monotone has {len(self.monotone)} entries for {X.shape[1]} columns")
 
         candidates = AUTO_CANDIDATES if self.method == "auto" else (self.method,)
         self.cv_auc_ = {name: self._cross_validated_auc(name, X, y) for name in candidates}
@@ -258,8 +292,14 @@ class StackingEnsemble(BaseEstimator, ClassifierMixin):
         return X
 
     def _new_combiner(self, name):
+        monotone = None if self.monotone is None else [int(bool(m)) for m in self.monotone]
         if name == "lgbm":
-            return _LGBMCombiner({**DEFAULT_LGBM_PARAMS, **(self.lgbm_params or {})})
+            params = {**DEFAULT_LGBM_PARAMS, **(self.lgbm_params or {})}
+            if monotone is not None:
+                params["monotone_constraints"] = monotone
+            return _LGBMCombiner(params)
+        if name == "logreg":
+            return _LogRegCombiner(monotone=monotone)
         return COMBINERS[name]()
 
     def _cross_validated_auc(self, name, X, y):
@@ -307,6 +347,8 @@ class StackingEnsemble(BaseEstimator, ClassifierMixin):
         params = self.get_params()
         if params["feature_names"] is not None:
             params["feature_names"] = list(params["feature_names"])
+        if params["monotone"] is not None:
+            params["monotone"] = [int(bool(m)) for m in params["monotone"]]
         return {
             "format": STATE_FORMAT,
             "params": params,
@@ -335,8 +377,9 @@ class StackingEnsemble(BaseEstimator, ClassifierMixin):
 # Out-of-fold guard
 # --------------------------------------------------------------------------
 
-class LeakageError(Exception):
-    """An expert's score was computed on a sample that expert was trained on."""
+class LeakageError(UserError):
+    """An expert's score was computed on a sample that expert was trained on (a data problem
+    the user fixes, so a command line ends with its one-line message)."""
 
 
 def check_out_of_fold(score_ids, trained_ids):

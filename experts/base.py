@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configs import ExpertConfig, LossConfig
+from common.errors import UnknownNameError, UserError
+from common.inputs import IMAGENET_MEAN, IMAGENET_STD
+from configs import ConfigError, ExpertConfig, LossConfig
 from experts.losses import classification_losses
 
 EXPERTS: dict[str, type["Expert"]] = {}
@@ -39,12 +41,12 @@ def register_expert(kind: str):
 
 def create_expert(cfg: ExpertConfig, image_size: int) -> "Expert":
     if cfg.kind not in EXPERTS:
-        raise KeyError(f"unknown expert kind {cfg.kind!r}; registered: {sorted(EXPERTS)}")
+        raise UnknownNameError(f"unknown expert kind {cfg.kind!r}; registered: {sorted(EXPERTS)}")
     return EXPERTS[cfg.kind](cfg, image_size)
 
 
-class PretrainedWeightsError(RuntimeError):
-    pass
+class PretrainedWeightsError(UserError, RuntimeError):
+    """Pretrained backbone weights that cannot be loaded; the message says which and why."""
 
 
 def create_backbone(cfg: ExpertConfig, **kwargs) -> nn.Module:
@@ -73,7 +75,7 @@ class Expert(nn.Module):
     trains_on_real_only = False  # the DAE learns what real faces look like, nothing else
 
     def __init__(self, cfg: ExpertConfig, image_size: int,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
         self.cfg = cfg
         self.image_size = image_size
@@ -165,7 +167,7 @@ class FeatureClassifier(Expert):
 def check_input_filter(cfg: ExpertConfig) -> int:
     """Input channels for `input_filter` (srm: RGB + 3 noise-residual maps)."""
     if cfg.input_filter not in ("none", "srm"):
-        raise ValueError(f"input_filter must be 'none' or 'srm', got {cfg.input_filter!r}")
+        raise ConfigError(f"input_filter must be 'none' or 'srm', got {cfg.input_filter!r}")
     return 6 if cfg.input_filter == "srm" else 3
 
 
@@ -178,8 +180,7 @@ class BackboneClassifier(FeatureClassifier):
         in_chans = check_input_filter(cfg)
         backbone = create_backbone(cfg, drop_rate=cfg.drop_rate, in_chans=in_chans, **backbone_kwargs)
         data_cfg = backbone.pretrained_cfg or {}
-        super().__init__(cfg, image_size, data_cfg.get("mean", (0.485, 0.456, 0.406)),
-                         data_cfg.get("std", (0.229, 0.224, 0.225)))
+        super().__init__(cfg, image_size, data_cfg.get("mean", IMAGENET_MEAN), data_cfg.get("std", IMAGENET_STD))
         self.residuals = NoiseResiduals() if cfg.input_filter == "srm" else None
         self.backbone = backbone
         width = backbone.num_features

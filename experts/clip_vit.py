@@ -12,7 +12,7 @@ import logging
 
 import torch.nn as nn
 
-from configs import ExpertConfig
+from configs import ConfigError, ExpertConfig
 from experts.base import BackboneClassifier, register_expert
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class ClipViTExpert(BackboneClassifier):
             for name, param in self.backbone.named_parameters():
                 param.requires_grad = is_layernorm_param(self.backbone, name)
         elif cfg.trainable != "all":
-            raise ValueError(f"clip expert: trainable must be 'layernorm_head' or 'all', got {cfg.trainable!r}")
+            raise ConfigError(f"clip expert: trainable must be 'layernorm_head' or 'all', got {cfg.trainable!r}")
         if cfg.trainable == "layernorm_head" and not (cfg.pretrained or cfg.pretrained_file):
             log.warning("clip expert %r has a random backbone: parameter-efficient tuning (LayerNorm + "
                         "head) of random features is nearly meaningless; give pretrained_file= for real use",

@@ -15,12 +15,16 @@ plugs into the ensemble like the classifiers.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configs import ExpertConfig, LossConfig
+from configs import ConfigError, ExpertConfig, LossConfig
 from experts.base import Expert, create_backbone, register_expert
+
+logger = logging.getLogger(__name__)
 
 
 def conv_block(cin, cout, stride=1):
@@ -34,7 +38,7 @@ class DenoisingAutoencoderExpert(Expert):
     def __init__(self, cfg: ExpertConfig, image_size: int):
         super().__init__(cfg, image_size)
         if len(cfg.score_weights) != 3:
-            raise ValueError(f"dae score_weights needs 3 values (global, patch, feature), got {cfg.score_weights}")
+            raise ConfigError(f"dae score_weights needs 3 values (global, patch, feature), got {cfg.score_weights}")
         width = 32
         # No skip connections: with them the network could copy its input and reconstruct
         # anything, fakes included. The 1/8-resolution bottleneck forces a model of faces.
@@ -99,6 +103,14 @@ class DenoisingAutoencoderExpert(Expert):
 
         terms = torch.cat([self.score_terms(x) for x, _ in real_batches])
         self.term_scale.copy_(terms.mean(0).clamp_min(1e-8))
+        real_scores = (terms / self.term_scale * self.score_weights).sum(1).double()
+        # By construction more anomalous means more likely fake: the calibration may only
+        # rescale the score, never flip it. Without fakes to fit on, or when validation
+        # fakes happen to reconstruct better than its reals (the DAE then measures the
+        # distance from the training reals' domain, which another data set reverses),
+        # P(fake) is the score's z-value among training reals.
+        std = float(real_scores.std().clamp_min(1e-8))
+        slope, intercept = 1.0 / std, -float(real_scores.mean()) / std
         scores, labels = [], []
         for x, y in val_batches:
             scores.append(self.anomaly_score(x))
@@ -107,4 +119,9 @@ class DenoisingAutoencoderExpert(Expert):
         y = torch.cat(labels).cpu().numpy()
         if len(set(y.tolist())) == 2:
             lr = LogisticRegression(C=10.0).fit(s, y)
-            self.calibration.copy_(torch.tensor([lr.coef_[0, 0], lr.intercept_[0]], dtype=torch.float32))
+            if lr.coef_[0, 0] > 0:
+                slope, intercept = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+            else:
+                logger.warning("dae: validation fakes score less anomalous than its reals; "
+                               "calibrated on training reals instead (no sign flip)")
+        self.calibration.copy_(torch.tensor([slope, intercept], dtype=torch.float32))

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configs import ExpertConfig
+from configs import ConfigError, ExpertConfig
 from experts.base import FeatureClassifier, NoiseResiduals, register_expert
 
 SPECTRUM_BINS = 16
@@ -99,7 +99,7 @@ class ForensicStatsExpert(FeatureClassifier):
     def __init__(self, cfg: ExpertConfig, image_size: int):
         super().__init__(cfg, image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         if cfg.grid < 1:
-            raise ValueError(f"forensic expert: grid must be >= 1, got {cfg.grid}")
+            raise ConfigError(f"forensic expert: grid must be >= 1, got {cfg.grid}")
         self.statistics = ForensicStatistics(cfg.grid)
         n = self.statistics.n_features
         width = 64

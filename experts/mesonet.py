@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from configs import ExpertConfig
+from configs import ConfigError, ExpertConfig
 from experts.base import FeatureClassifier, NoiseResiduals, check_input_filter, register_expert
 
 
@@ -28,7 +28,7 @@ class MesoNet4Expert(FeatureClassifier):
         super().__init__(cfg, image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         in_chans = check_input_filter(cfg)
         if image_size % 32:
-            raise ValueError(f"mesonet needs an image size divisible by 32, got {image_size}")
+            raise ConfigError(f"mesonet needs an image size divisible by 32, got {image_size}")
         self.residuals = NoiseResiduals() if cfg.input_filter == "srm" else None
         self.features_net = nn.Sequential(
             _block(in_chans, 8, 3, 2), _block(8, 8, 5, 2), _block(8, 16, 5, 2), _block(16, 16, 5, 4))

@@ -1,6 +1,6 @@
 """The one training loop, for every expert.
 
-    python -m experts.train DATA_ROOT [profile=cpu] [key=value ...]
+    python -m experts.train DATA_ROOT [--profile NAME | profile=NAME] [key=value ...]
 
 For each name in `experts`: build the expert from its config, train it with AdamW, a
 warm-up + cosine schedule and EMA weights, validate (AUC) every epoch with both the raw and
@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -33,13 +32,18 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from configs import Config, ExpertConfig, load_config, to_dict
-from data_prep.dataset import Sample, load_splits, summarize
+from common.cli import CommandLine, entry_point
+from common.errors import UsageError
+from common.files import atomic_write
+from common.inputs import to_unit_float
+from common.metrics import roc_auc
+from common.runtime import mixed_precision, sample_seed, seed_everything, select_device
+from configs import Config, ExpertConfig, config_from, to_dict
+from data_prep.dataset import Sample, load_splits, read_extra_reals, summarize
 from data_prep.faces import FaceCropCache
 from data_prep.images import ImageDecodeError
 from data_prep.transforms import resize_square, to_tensor, train_augmentations
-from ensemble.metrics import roc_auc
-from experts import create_expert
+from experts import EXPERTS, create_expert
 from experts.weights import save_expert
 
 log = logging.getLogger("train")
@@ -62,48 +66,18 @@ def setup_runtime(cfg: Config) -> Runtime:
     """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: device=cuda but no CUDA device is visible")
+    device = select_device(cfg.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if want_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    if device.type == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Runtime(device, rank, world)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def mixed_precision(cfg: Config, device: torch.device):
-    """(autocast dtype or None, needs GradScaler). On CPU, `auto` means off: bf16 is only
-    faster where the CPU has bf16 units (measured 1.8x faster on the development machine by
-    bench/precision.py), and the cpu profile's published numbers are fp32; ask with amp=bf16."""
-    mode = cfg.train.amp
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None, False
-    if mode == "auto":
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-    return dtype, (dtype == torch.float16 and device.type == "cuda")
-
-
 # ----------------------------------------------------------------------------- data
-
-def sample_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, epoch, index...), stable across runs and processes."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
-               .astype(np.uint64).dot([1, 1 << 31])) & ((1 << 63) - 1)
-
 
 def cache_face_crops(samples: list[Sample], crops: FaceCropCache, num_workers: int, show: bool) -> list[Sample]:
     """Decode and face-crop every image once (filling the cache); broken files are skipped
@@ -246,7 +220,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 
 
 def to_input(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True).float().div_(255)
+    x = to_unit_float(x, device)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -285,7 +259,7 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name:
     expert = create_expert(ecfg, size).to(rt.device)
     train_samples = splits["trainset"]
     if expert.trains_on_real_only:
-        train_samples = [s for s in train_samples if s.target == 0]
+        train_samples = [s for s in train_samples if s.target == 0] + splits.get("extra_reals", [])
     train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True, patch_size=ecfg.patch_size)
     if expert.trains_on_real_only:
         train_set.online_fakes = 0.0  # a real-only model must never see an editing fake
@@ -298,7 +272,7 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name:
     train_loader = make_loader(train_set, cfg, sampler)
     val_loader = make_loader(val_set, cfg, batch_size=2 * cfg.train.batch_size)
     if len(train_loader) == 0:
-        raise SystemExit(f"error: {name}: {len(train_samples)} training images are fewer than one batch "
+        raise UsageError(f"{name}: {len(train_samples)} training images are fewer than one batch "
                          f"({cfg.train.batch_size} x {rt.world} processes); lower train.batch_size")
 
     if cfg.loss.nce == 0 and hasattr(expert, "projector"):
@@ -321,7 +295,7 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name:
         epochs * steps_per_epoch, round(cfg.train.warmup_epochs * steps_per_epoch)))
     from torch_ema import ExponentialMovingAverage
     ema = ExponentialMovingAverage(params, decay=cfg.train.ema_decay)
-    amp_dtype, use_scaler = mixed_precision(cfg, rt.device)
+    amp_dtype, use_scaler = mixed_precision(cfg.train.amp, rt.device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     start_epoch, best = 0, {"auc": -1.0, "epoch": -1, "state": None}
@@ -422,13 +396,11 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name:
 
 def save_checkpoint(path: Path, expert, optimizer, scheduler, ema, scaler, epoch, history, best) -> None:
     """Everything needed to continue; plain tensors and numbers only (loads with weights_only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": expert.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "ema": ema.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "history": json.dumps(history), "best_auc": best["auc"],
-                "best_epoch": best["epoch"], "best_state": best["state"]}, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as handle:
+        torch.save({"model": expert.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "ema": ema.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch, "history": json.dumps(history), "best_auc": best["auc"],
+                    "best_epoch": best["epoch"], "best_state": best["state"]}, handle)
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
@@ -441,18 +413,13 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+@entry_point
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    positional = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
-    profile = next((o.split("=", 1)[1] for o in overrides if o.startswith("profile=")), "cpu")
-    overrides = [o for o in overrides if not o.startswith("profile=")]
-    if positional:
-        overrides.append(f"data_root={positional[0]}")
-    cfg = load_config(profile, overrides)
+    args = CommandLine("python -m experts.train", __doc__, positional="DATA_ROOT", required=False).parse_args(argv)
+    cfg = config_from(args, data_root=args.positional)
     if not cfg.data_root:
-        raise SystemExit("error: no data root: python -m experts.train DATA_ROOT [key=value ...]")
+        raise UsageError("no data root: python -m experts.train DATA_ROOT [key=value ...]")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     rt = setup_runtime(cfg)
     splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods,
                          allow_real_only=cfg.data.online_fakes > 0)
@@ -462,14 +429,18 @@ def main(argv=None) -> int:
         splits["trainset"], splits["valset"] = fold_samples(splits["trainset"] + splits["valset"],
                                                             cfg.data.folds_csv, cfg.data.fold)
         suffix = f"_fold{cfg.data.fold}"
+    if cfg.data.extra_reals and any(EXPERTS[cfg.expert_config(n).kind].trains_on_real_only
+                                    for n in cfg.experts):
+        splits["extra_reals"] = [s for folder in cfg.data.extra_reals for s in read_extra_reals(folder)]
+    cached = [split for split in ("trainset", "valset", "extra_reals") if split in splits]
     crops = FaceCropCache(cfg.face, cfg.data.cache_dir)
-    for split in ("trainset", "valset"):
+    for split in cached:
         if rt.is_main:
             splits[split] = cache_face_crops(splits[split], crops, cfg.data.num_workers, sys.stderr.isatty())
     if rt.world > 1:  # the other ranks read the crops rank 0 just cached
         dist.barrier()
         if not rt.is_main:
-            for split in ("trainset", "valset"):
+            for split in cached:
                 splits[split] = cache_face_crops(splits[split], crops, 0, show=False)
     for name in cfg.experts:
         train_expert(cfg, name, splits, rt, export_name=name + suffix)

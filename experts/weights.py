@@ -4,7 +4,9 @@ The manifest records, per expert, the kind and config that built it, input size 
 normalisation, the face-crop settings, the training data summary, validation metrics and
 the sha256 of its file; plus library versions and the full training config. Loading checks
 the hash and loads strictly, so a tampered, truncated or mismatched file is refused with a
-one-line reason. Nothing is unpickled.
+one-line reason; a file name in the manifest must lie inside the weights folder. Nothing is
+unpickled. Saving writes every file to a temp file beside it and renames it into place, so a
+killed run or a full disk leaves the previous weights and manifest whole.
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from common.errors import UserError
 from configs import ExpertConfig, FaceConfig
 from experts.base import Expert, create_expert
 
@@ -26,7 +30,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Weights that cannot be used; the message names the file and the reason."""
 
 
@@ -65,19 +69,42 @@ def read_manifest(weights_dir) -> dict:
     return manifest
 
 
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the real file
+
+
+def stage_file(path: Path, data: bytes) -> Path:
+    """Write `data` to a temp file beside `path` and return it, for `os.replace(tmp, path)`.
+    A failed write (a full disk, no permission) removes the partial temp file and is one
+    WeightsError line; `path` itself is not touched."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _write_bytes(tmp, data)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise WeightsError(f"{path}: cannot write ({err.strerror or err}); "
+                               f"the previous version, if any, is unchanged") from None
+        raise
+    return tmp
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=True).encode()
+
+
 def write_manifest(weights_dir, manifest: dict) -> Path:
-    """Atomic write, so a killed run never leaves a half manifest."""
+    """Atomic write, so a killed run or a full disk never leaves a half manifest."""
     path = Path(weights_dir) / MANIFEST
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    os.replace(stage_file(path, _manifest_bytes(manifest)), path)
     return path
 
 
-def update_manifest(weights_dir, section: str, name: str, entry: dict, config: dict | None = None) -> Path:
-    """Add or replace one entry (`experts` or `ensemble`) in the manifest, keeping the others."""
-    weights_dir = Path(weights_dir)
-    weights_dir.mkdir(parents=True, exist_ok=True)
+def updated_manifest(weights_dir: Path, section: str, name: str, entry: dict, config: dict | None) -> dict:
+    """The manifest with one entry (`experts` or `ensemble`) added or replaced, the others kept."""
     try:
         manifest = read_manifest(weights_dir)
     except WeightsError:
@@ -87,34 +114,60 @@ def update_manifest(weights_dir, section: str, name: str, entry: dict, config: d
     manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if config is not None:
         manifest["config"] = config
-    return write_manifest(weights_dir, manifest)
+    return manifest
+
+
+def update_manifest(weights_dir, section: str, name: str, entry: dict, config: dict | None = None) -> Path:
+    weights_dir = Path(weights_dir)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    return write_manifest(weights_dir, updated_manifest(weights_dir, section, name, entry, config))
 
 
 def save_expert(model: Expert, weights_dir, name: str, face: FaceConfig, extra: dict,
                 config: dict | None = None) -> Path:
     """Write `<name>.safetensors` (the weights as they are: the caller bakes EMA in first)
-    and its manifest entry."""
+    and its manifest entry. Both files are written in full to temp files first and only then
+    renamed into place, so a full disk leaves the previous pair as it was."""
     weights_dir = Path(weights_dir)
     weights_dir.mkdir(parents=True, exist_ok=True)
     path = weights_dir / f"{name}.safetensors"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file(state, str(tmp), metadata={"expert": name, "kind": model.kind})
-    os.replace(tmp, path)
+    data = safetensors_bytes(state, metadata={"expert": name, "kind": model.kind})
     total, trainable = model.parameter_counts()
     entry = {
-        "file": path.name, "sha256": sha256_file(path), "kind": model.kind,
+        "file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "kind": model.kind,
         "expert_config": dataclasses.asdict(model.cfg), "input_size": model.image_size,
         "normalization": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
         "face": dataclasses.asdict(face), "parameters": total, "trainable_parameters": trainable,
         **extra,
     }
-    update_manifest(weights_dir, "experts", name, entry, config)
+    manifest = updated_manifest(weights_dir, "experts", name, entry, config)
+    staged_weights = stage_file(path, data)
+    try:
+        staged_manifest = stage_file(weights_dir / MANIFEST, _manifest_bytes(manifest))
+    except BaseException:
+        staged_weights.unlink(missing_ok=True)
+        raise
+    os.replace(staged_weights, path)
+    os.replace(staged_manifest, weights_dir / MANIFEST)
     return path
 
 
+def file_in_weights_dir(weights_dir: Path, name, what: str) -> Path:
+    """The file a manifest entry names. It must lie inside the weights folder: an absolute
+    path or a `..` in an edited manifest would make loading read any file on the machine."""
+    manifest = weights_dir / MANIFEST
+    if not isinstance(name, str) or not name.strip():
+        raise WeightsError(f"{manifest}: {what} entry names no file")
+    if (PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive
+            or ".." in PurePosixPath(name).parts or ".." in PureWindowsPath(name).parts):
+        raise WeightsError(f"{manifest}: {what} file {name!r} is outside the weights folder; "
+                           f"only names inside {weights_dir} are accepted")
+    return weights_dir / name
+
+
 def verified_file(weights_dir: Path, entry: dict, what: str) -> Path:
-    path = weights_dir / entry["file"]
+    path = file_in_weights_dir(weights_dir, entry.get("file"), what)
     if not path.is_file():
         raise WeightsError(f"{path}: {what} weights file is missing")
     if sha256_file(path) != entry["sha256"]:

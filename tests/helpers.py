@@ -15,18 +15,24 @@ TINY_MODELS = {
 SIZED_EXPERTS = ("mesonet", "forensic")  # not timm models: their profile input size is reduced instead
 
 
-def tiny_overrides(tmp_path, epochs: int = 2, experts: str | None = None, cache_dir=None) -> list[str]:
-    """key=value overrides for fast training of the tiny timm test models on the CPU.
-
-    Everything the run writes goes under `tmp_path` (weights in tmp_path/weights, checkpoints
-    in tmp_path/runs, face-crop cache in tmp_path/cache unless `cache_dir` is given)."""
+def cpu_run_overrides(tmp_path, cache_dir=None) -> list[str]:
+    """key=value overrides that run a profile in this test process: one CPU thread, no loader
+    workers, no mixed precision, and everything the run writes under `tmp_path` (weights in
+    tmp_path/weights, checkpoints in tmp_path/runs, face-crop cache in tmp_path/cache unless
+    `cache_dir` is given). They change where and how it runs, not what it trains."""
     tmp = Path(tmp_path)
-    out = [
-        "threads=1", "device=cpu", "data.image_size=64", "data.num_workers=0", "face.crop_size=80",
-        "train.batch_size=16", f"train.epochs={epochs}", "train.amp=off",
+    return [
+        "threads=1", "device=cpu", "data.num_workers=0", "train.amp=off",
         f"out={tmp / 'weights'}", f"run_dir={tmp / 'runs'}", f"reports={tmp / 'reports'}",
         f"data.cache_dir={cache_dir or tmp / 'cache'}",
     ]
+
+
+def tiny_overrides(tmp_path, epochs: int = 2, experts: str | None = None, cache_dir=None) -> list[str]:
+    """key=value overrides for fast training of the tiny timm test models on the CPU
+    (outputs under `tmp_path`, as in `cpu_run_overrides`)."""
+    out = cpu_run_overrides(tmp_path, cache_dir) + [
+        "data.image_size=64", "face.crop_size=80", "train.batch_size=16", f"train.epochs={epochs}"]
     out += [f"expert.{name}.model={model}" for name, model in TINY_MODELS.items()]
     out += [f"expert.{name}.epochs={epochs}" for name in TINY_MODELS]  # profiles may set more
     out += [f"expert.{name}.image_size=64" for name in SIZED_EXPERTS]  # native-size experts: small here

@@ -9,6 +9,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from configs import FaceConfig
 from data_prep import cluster_split as cs
+from experts import cluster_split as command
 from data_prep.dataset import DataLayoutError, Sample
 
 
@@ -204,9 +205,9 @@ def four_images(tmp_path):
 
 def test_embed_with_backbone_skips_broken_image(tmp_path, four_images, caplog):
     torch.manual_seed(0)
-    with caplog.at_level(logging.WARNING, logger="data_prep.cluster_split"):
-        emb, kept = cs.embed_with_backbone(four_images, "test_convnext", FaceConfig(enabled=False),
-                                           tmp_path / "cache", image_size=32, batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="experts.cluster_split"):
+        emb, kept = command.embed_with_backbone(four_images, "test_convnext", FaceConfig(enabled=False),
+                                                tmp_path / "cache", image_size=32, batch_size=2)
     assert kept.tolist() == [0, 1, 3]
     assert emb.shape == (3, 64) and emb.dtype == np.float32 and np.isfinite(emb).all()
     assert any("img_2.png" in r.getMessage() for r in caplog.records)
@@ -214,8 +215,8 @@ def test_embed_with_backbone_skips_broken_image(tmp_path, four_images, caplog):
 
 def test_embed_with_backbone_uses_embed_fn_on_unit_range_input(tmp_path, four_images):
     mean_colour = lambda x: x.mean(dim=(2, 3))  # noqa: E731 - (B, 3) features in [0, 1]
-    emb, kept = cs.embed_with_backbone(four_images, "unused", FaceConfig(enabled=False), None,
-                                       image_size=16, embed_fn=mean_colour)
+    emb, kept = command.embed_with_backbone(four_images, "unused", FaceConfig(enabled=False), None,
+                                            image_size=16, embed_fn=mean_colour)
     assert kept.tolist() == [0, 1, 3]
     np.testing.assert_allclose(emb, np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250]]) / 255, atol=1e-3)
 
@@ -245,20 +246,20 @@ def data_root(tmp_path):
 def test_command_line_cluster_random_and_unsupervised(tmp_path, data_root):
     root, profile = data_root
     common = [str(root), "--profile", str(profile), "--backbone", "test_convnext", "--image-size", "32",
-              "--device", "cpu"]
+              "device=cpu"]
 
     out = tmp_path / "clustered"
-    assert cs.main(common + ["--out", str(out), "--k", "2"]) == 0
+    assert command.main(common + ["--out", str(out), "--k", "2"]) == 0
     folds = cs.read_folds(out / "folds.csv")
     assert len(folds) == 16 and set(folds.values()) == {0, 1}
     assert (out / "tsne_cluster.png").is_file() and (out / "tsne_label.png").is_file()
 
     out = tmp_path / "random"
-    assert cs.main(common + ["--out", str(out), "--k", "4", "--random"]) == 0
+    assert command.main(common + ["--out", str(out), "--k", "4", "--random"]) == 0
     assert sorted(cs.read_folds(out / "folds.csv").values()) == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
 
     out = tmp_path / "unsupervised"
-    assert cs.main(common + ["--out", str(out), "--unsupervised"]) == 0
+    assert command.main(common + ["--out", str(out), "--unsupervised"]) == 0
     assert (out / "pseudo_labels.csv").read_text().startswith("img_name,target\n")
     report = json.loads((out / "pseudo_labels.json").read_text())
     assert report["rule"] == cs.RULE_SPREAD and 0 <= report["auc"] <= 1 and 0 <= report["accuracy"] <= 1

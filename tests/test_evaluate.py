@@ -81,7 +81,7 @@ def test_testset_metrics_json(trained, testset_report):
 
 
 def test_scores_csv_matches_metrics(testset_report):
-    from ensemble.metrics import evaluate_scores
+    from common.metrics import evaluate_scores
 
     result = json.loads((testset_report / "metrics.json").read_text())
     # The mean baseline recomputed from the per-image scores gives the same test metrics.
@@ -135,7 +135,7 @@ def test_unreadable_image_is_listed_and_excluded(trained, tmp_path):
 
 def test_failing_plot_keeps_metrics(trained, testset_report, tmp_path, monkeypatch):
     from configs import load_config
-    from ensemble import plots
+    from common import plots
 
     root, args, weights = trained
     monkeypatch.setattr(plots, "plot_roc", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))

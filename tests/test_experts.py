@@ -175,12 +175,31 @@ def test_dae_trains_on_reals_and_finalize_sets_scale_and_calibration():
     assert ((p >= 0) & (p <= 1)).all()
 
 
-def test_dae_finalize_single_class_keeps_calibration():
+def test_dae_finalize_single_class_calibrates_on_training_reals():
     expert = make("dae", "test_resnet").eval()
     x, y = batch(4)
     expert.finalize([(x, torch.zeros(4, dtype=torch.long))], [(x, torch.zeros(4, dtype=torch.long))])
-    torch.testing.assert_close(expert.calibration, torch.tensor([1.0, 0.0]))
     assert not torch.equal(expert.term_scale, torch.ones(3))
+    with torch.no_grad():
+        z = (expert.anomaly_score(x).double() - 1.0)  # scaled terms: the reals' mean score is 1
+        slope, intercept = expert.calibration.tolist()
+    assert slope > 0
+    # P(fake) is the score's z-value among the training reals: 0.5 at their mean score
+    assert abs(slope * 1.0 + intercept) < 1e-4 and float(z.abs().max()) < 10
+
+
+def test_dae_calibration_never_flips_the_anomaly_score():
+    """Validation fakes that reconstruct better than its reals (a domain effect) must not
+    turn 'more anomalous' into 'more real'."""
+    expert = make("dae", "test_resnet").eval()
+    x, _ = batch(8)
+    smooth = torch.full_like(x[:4], 0.5)  # easy to reconstruct: low anomaly score
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    expert.finalize([(x, torch.zeros(8, dtype=torch.long))], [(torch.cat([x[:4], smooth]), labels)])
+    with torch.no_grad():
+        low, high = expert.anomaly_score(smooth).mean(), expert.anomaly_score(x[:4]).mean()
+    assert high > low  # the fakes here really do score less anomalous ...
+    assert expert.calibration[0] > 0  # ... and the calibration still keeps the direction
 
 
 def test_dae_needs_three_score_weights():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
-from ensemble import metrics
+from common import metrics
 
 
 def random_scores(seed, n=200):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from ensemble import plots
+from common import plots
 from ensemble.gradcam import grad_cam
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

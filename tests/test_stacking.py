@@ -171,3 +171,43 @@ def test_assemble_oof_matrix_refuses_leaked_input():
 def test_assemble_oof_matrix_reports_missing_scores():
     with pytest.raises(ValueError, match="no score"):
         assemble_oof_matrix({"a": {"x": 0.1}}, {"a": set()}, ids=["x", "y"])
+
+
+def anti_correlated_expert(n=400, seed=3):
+    """Column 0 informative; column 1 scores reals higher than fakes (an expert that fails
+    on this set's methods the wrong way round)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    good = 1 / (1 + np.exp(-(2.0 * (y - 0.5) + rng.normal(0, 1, n))))
+    reversed_ = 1 / (1 + np.exp(-(-2.0 * (y - 0.5) + rng.normal(0, 1, n))))
+    return np.column_stack([good, reversed_]), y
+
+
+@pytest.mark.parametrize("method", ["logreg", "lgbm"])
+def test_monotone_never_weights_an_expert_negatively(method):
+    X, y = anti_correlated_expert()
+    free = StackingEnsemble(method=method).fit(X, y)
+    monotone = StackingEnsemble(method=method, monotone=[1, 1]).fit(X, y)
+    # Raising only the reversed expert's score: the free learner lowers P(fake), the
+    # monotone one never does.
+    probe = np.column_stack([np.full(50, 0.5), np.linspace(0.01, 0.99, 50)])
+    assert np.diff(free.predict_proba(probe)[:, 1]).min() < -1e-6
+    assert np.diff(monotone.predict_proba(probe)[:, 1]).min() >= -1e-12
+    if method == "logreg":
+        assert monotone.combiner_.coef[0] > 0.1 and monotone.combiner_.coef[1] == 0.0
+
+
+def test_monotone_logreg_matches_sklearn_when_the_bound_is_inactive(train_test):
+    X_train, y_train, X_test, _ = train_test
+    free = StackingEnsemble(method="logreg").fit(X_train[:, :1], y_train)
+    bounded = StackingEnsemble(method="logreg", monotone=[1]).fit(X_train[:, :1], y_train)
+    np.testing.assert_allclose(bounded.predict_proba(X_test[:, :1]), free.predict_proba(X_test[:, :1]), atol=1e-4)
+
+
+def test_monotone_survives_json_and_checks_its_length():
+    X, y = anti_correlated_expert()
+    fitted = StackingEnsemble(method="logreg", monotone=[1, 0]).fit(X, y)
+    state = json.loads(json.dumps(fitted.to_state()))
+    np.testing.assert_array_equal(StackingEnsemble.from_state(state).predict_proba(X), fitted.predict_proba(X))
+    with pytest.raises(ValueError, match="monotone has 1 entries for 2 columns"):
+        StackingEnsemble(method="logreg", monotone=[1]).fit(X, y)

@@ -550,6 +550,40 @@ def test_real_only_expert_never_sees_an_editing_fake(demo_root, tmp_path, crop_c
     assert seen and set(seen) == {0}
 
 
+def test_real_only_expert_also_trains_on_extra_reals(demo_root, tmp_path, crop_cache, monkeypatch):
+    from experts.dae import DenoisingAutoencoderExpert
+
+    extra = tmp_path / "more_reals"
+    extra.mkdir()
+    for i, path in enumerate(sorted((demo_root / "valset").iterdir())[:12]):
+        (extra / f"extra_{i}{path.suffix}").write_bytes(path.read_bytes())
+    seen = []
+    original = DenoisingAutoencoderExpert.training_loss
+
+    def recording(self, x, y, loss_cfg):
+        seen.append(len(y))
+        return original(self, x, y, loss_cfg)
+
+    monkeypatch.setattr(DenoisingAutoencoderExpert, "training_loss", recording)
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="dae", cache_dir=crop_cache)
+    assert experts_train.main([str(demo_root), *overrides]) == 0
+    alone = sum(seen)
+    seen.clear()
+    assert experts_train.main([str(demo_root), *overrides, f"data.extra_reals=[{extra}]"]) == 0
+    batch_size = int(next(o for o in overrides if o.startswith("train.batch_size=")).split("=")[1])
+    assert sum(seen) >= alone + 12 - batch_size  # every extra real, up to the dropped last batch
+
+
+def test_extra_reals_entry_must_hold_reals(tmp_path):
+    from data_prep.dataset import DataLayoutError, read_extra_reals
+
+    with pytest.raises(DataLayoutError, match="not a directory"):
+        read_extra_reals(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataLayoutError, match="no real images"):
+        read_extra_reals(tmp_path / "empty")
+
+
 def test_infer_scores_a_folder_of_videos(trained, tmp_path, capsys):
     import cv2
 

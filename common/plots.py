@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from ensemble.metrics import expected_calibration_error
+from common.metrics import expected_calibration_error
 
 
 def _new_figure(width, height):

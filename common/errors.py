@@ -1,0 +1,36 @@
+"""Known errors: the ones a user can fix, so they end a command with one line, not a traceback.
+
+Every error the project raises on purpose (a bad data layout or label file, a bad config key or
+value, unusable weights, a missing file, a bad argument) is a `UserError`. A command-line entry
+point wrapped by `common.cli.entry_point` prints it as `error: <message>` on stderr and exits
+with status 2; any other exception is a bug and keeps its traceback. The message names the file
+or key and the reason.
+
+The subclasses also derive from the built-in type that callers and tests already catch
+(ValueError, KeyError, FileExistsError), so `except ValueError` keeps working.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Base class of the errors a user can fix; `str(err)` is the whole message."""
+
+
+class UsageError(UserError, ValueError):
+    """A bad command-line argument or function argument (a count below 1, an unknown device...)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config key that does not exist, or a value of the wrong type or range; the message
+    names the key. (Defined here, below `configs`, so every stage can raise it.)"""
+
+
+class UnknownNameError(UserError, KeyError):
+    """A name that is not in its registry (an expert, an expert kind, an editing op)."""
+
+    def __str__(self) -> str:  # KeyError's own str() would wrap the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """An output that would overwrite or mix with files that are already there."""

@@ -1,0 +1,56 @@
+"""Where and how the models run: the device, the seeds, mixed precision."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from common.errors import ConfigError, UsageError
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' -> the first GPU when CUDA sees one, else the CPU; 'cpu', 'cuda' or 'cuda:N' as
+    named. Asking for CUDA where none is visible is an error now, not a crash later."""
+    name = str(name).strip()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r}: no CUDA device is visible on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (the ones libraries draw from)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, index...), stable across runs and processes:
+    every random choice about sample i of epoch e draws from its own stream, so a resumed run
+    or another worker count draws exactly the same."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+               .astype(np.uint64).dot([1, 1 << 31])) & ((1 << 63) - 1)
+
+
+def mixed_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """`train.amp` on `device` -> (autocast dtype or None, needs a GradScaler).
+
+    On CPU, `auto` means off: bf16 is only faster where the CPU has bf16 units (measured 1.8x
+    faster on the development machine by bench/precision.py), and the cpu profile's published
+    numbers are fp32; ask with amp=bf16."""
+    if amp not in AMP_MODES:
+        raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {amp!r}")
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None, False
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return dtype, (dtype == torch.float16 and device.type == "cuda")
