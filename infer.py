@@ -4,6 +4,9 @@
     python infer.py DIR "shots/*.png" clip.mp4      # one line per input
     python infer.py DIR --csv out.csv               # img_name,y_pred for every image (and video) in DIR
                                                     # (video_name,y_pred when DIR holds only videos)
+    python infer.py DIR --csv out.csv --weights onnx --backend onnx
+                                                    # the experts run by onnxruntime, from the export
+                                                    # of `python -m experts.export_onnx --out onnx`
 
 Inputs: files, folders (their image and video files, sorted by name; other files are
 ignored) and glob patterns. A video is scored by sampling `--frames` frames evenly,
@@ -40,6 +43,9 @@ def parse_args(argv):
     parser.add_argument("--weights", type=Path, default=Path(__file__).resolve().parent / "weights")
     parser.add_argument("--experts", help="comma-separated subset of experts (plain mean of them)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                        help="onnx: the experts run by onnxruntime on the CPU, from the folder (or manifest "
+                             ".json) that `python -m experts.export_onnx` wrote, given as --weights")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
                         help="decode/crop worker processes (0 = in the main process)")
@@ -49,7 +55,10 @@ def parse_args(argv):
     parser.add_argument("--strict", action="store_true", help="fail on the first unreadable file")
     parser.add_argument("--recursive", action="store_true",
                         help="also score the subfolders of a folder (img_name = path relative to it)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.backend == "onnx" and args.device == "cuda":
+        parser.error("--backend onnx runs on the CPU; leave out --device cuda")
+    return args
 
 
 def expand_inputs(inputs: list[str], recursive: bool = False) -> tuple[list[Path], list[str], dict[Path, str]]:
@@ -118,16 +127,10 @@ def score_images(detector, paths, args, on_error) -> dict[Path, float]:
 
 
 def score_video(detector, path: Path, args) -> float:
-    import torch
-
     from data_prep.video import aggregate_frame_scores, sample_frames
 
     frames = sample_frames(path, args.frames)
-    batch: dict[int, list] = {}
-    for _index, rgb in frames:
-        for size, tensor in detector.prepare(rgb).items():
-            batch.setdefault(size, []).append(tensor)
-    p, _ = detector.score_crops({s: torch.stack(t) for s, t in batch.items()})
+    p, _ = detector.score_crops(detector.batch_of_images([rgb for _index, rgb in frames]))
     return aggregate_frame_scores(p.tolist(), args.video_rule)
 
 
@@ -146,11 +149,15 @@ class StrictStop(Exception):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from data_prep.video import VideoDecodeError, is_video_file
-    from ensemble.predictor import Detector
+    from ensemble.predictor import EnsembleDetector
 
     tta = None if args.tta is None else [t for t in args.tta.split(",") if t and t != "none"]
-    detector = Detector.from_weights(args.weights, args.experts.split(",") if args.experts else None,
-                                     args.device, tta)
+    experts = args.experts.split(",") if args.experts else None
+    if args.backend == "onnx":
+        from ensemble.onnx_backend import onnx_detector
+        detector = onnx_detector(args.weights, experts, tta)
+    else:
+        detector = EnsembleDetector.from_weights(args.weights, experts, args.device, tta)
 
     files, problems, names = expand_inputs(args.inputs, args.recursive)
     for message in problems:

@@ -1,1 +1,2 @@
-"""Benchmarks: speed (bench/speed.py) and quality (bench/quality.py) of the trained detector."""
+"""Benchmarks of the trained detector, each run from the repository root as `python -m bench.NAME`:
+speed, quality, precision, face_detectors, ablation, generalization."""

@@ -1,6 +1,6 @@
 """Ablations for one expert: losses, editing fakes, cluster vs random validation split.
 
-    python bench/ablation.py DATA_ROOT [--expert resnet] [--study losses|fakes|split|all]
+    python -m bench.ablation DATA_ROOT [--expert resnet] [--study losses|fakes|split|all]
                              [--out BENCHMARKS_ablation.md] [--profile NAME | profile=NAME] [key=value ...]
 
 Each variant trains the expert from scratch in its own folder under `--work` with the same
@@ -21,13 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from common.cli import CommandLine, entry_point
+from common.errors import UserError
+from configs import config_from_argv
 
-from common.cli import CommandLine, entry_point  # noqa: E402
-from common.errors import UserError  # noqa: E402
-from configs import config_from_argv  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 
 def run(cmd: list[str]) -> None:
@@ -114,7 +112,7 @@ def markdown(title: str, rows: list[dict]) -> str:
 @entry_point
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = CommandLine("python bench/ablation.py", __doc__, positional="DATA_ROOT")
+    parser = CommandLine("python -m bench.ablation", __doc__, positional="DATA_ROOT")
     parser.add_argument("--expert", default="resnet")
     parser.add_argument("--study", default="all", choices=["losses", "fakes", "split", "all"])
     parser.add_argument("--kl", type=float, default=1.0)
@@ -131,7 +129,7 @@ def main(argv=None) -> int:
     studies = ["losses", "fakes", "split"] if args.study == "all" else [args.study]
     sections = [f"Ablations of expert `{args.expert}` on `{args.data_root}` "
                 f"(overrides: {' '.join(overrides) or 'none'}); command: "
-                f"`python bench/ablation.py {' '.join(argv)}`\n"]
+                f"`python -m bench.ablation {' '.join(argv)}`\n"]
     for study in studies:
         rows = {"losses": study_losses, "fakes": study_fakes, "split": study_split}[study](args, overrides)
         sections.append(markdown(study, rows))

@@ -1,6 +1,6 @@
 """Is bf16 autocast or channels-last faster for an expert on this machine? Measure, don't guess.
 
-    python bench/precision.py [--kind resnet --model resnet10t --size 128 --batch 32 --steps 10]
+    python -m bench.precision [--kind resnet --model resnet10t --size 128 --batch 32 --steps 10]
 
 Times training steps (forward + backward + AdamW) and inference batches of one expert in
 fp32, bf16 autocast, and channels-last, on the CPU (or CUDA with --device cuda). The cpu
@@ -11,18 +11,13 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from common.cli import CommandLine, entry_point  # noqa: E402
-from common.runtime import select_device  # noqa: E402
-from configs import ExpertConfig, LossConfig  # noqa: E402
-from experts import create_expert  # noqa: E402
+from common.cli import CommandLine, entry_point
+from common.runtime import select_device
+from configs import ExpertConfig, LossConfig
+from experts import create_expert
 
 
 def time_steps(model, x, y, steps, train: bool, dtype, channels_last: bool) -> float:
@@ -55,7 +50,7 @@ def time_steps(model, x, y, steps, train: bool, dtype, channels_last: bool) -> f
 
 @entry_point
 def main(argv=None) -> int:
-    parser = CommandLine("python bench/precision.py", __doc__, config=False)
+    parser = CommandLine("python -m bench.precision", __doc__, config=False)
     parser.add_argument("--kind", default="resnet")
     parser.add_argument("--model", default="resnet10t")
     parser.add_argument("--input-filter", default="srm")

@@ -1,8 +1,7 @@
 """Quality benchmark: the evaluation table of the trained detector as a Markdown file.
 
-    python bench/quality.py DATA_ROOT [--split testset] [--weights DIR] [--reports DIR]
+    python -m bench.quality DATA_ROOT [--split testset] [--weights DIR] [--reports DIR]
                             [--out BENCHMARKS_quality.md] [--profile NAME | profile=NAME] [key=value ...]
-    python -m bench.quality ...   (the same)
 
 Runs `ensemble.evaluate.evaluate` (no plots) on the split, into a temp reports folder (or
 --reports, which then keeps metrics.json, metrics.md and scores.csv), and writes one table
@@ -22,22 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python bench/quality.py`
-    sys.path.insert(0, str(REPO))
+from common.cli import CommandLine, entry_point
+from common.files import atomic_write
+from configs import config_from
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from common.cli import CommandLine, entry_point  # noqa: E402
-from common.files import atomic_write  # noqa: E402
-from configs import config_from  # noqa: E402
 
 COLUMNS = ["auc", "ap", "eer", "acc", "tpr@fpr1", "tpr@fpr5", "ece", "brier", "threshold", "n", "n_fake"]
 
 
 def parse_args(argv):
-    parser = CommandLine("python bench/quality.py", __doc__, positional="DATA_ROOT")
+    parser = CommandLine("python -m bench.quality", __doc__, positional="DATA_ROOT")
     parser.add_argument("--split", default="testset", choices=["valset", "testset"])
     parser.add_argument("--weights", help="trained weights folder (default: cfg.out)")
     parser.add_argument("--reports", help="keep evaluate's outputs here (default: a temp folder)")
@@ -91,7 +86,7 @@ def main(argv=None) -> int:
     from ensemble.evaluate import evaluate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    command = " ".join(shlex.quote(a) for a in ["python", "bench/quality.py", *raw])
+    command = " ".join(shlex.quote(a) for a in ["python", "-m", "bench.quality", *raw])
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     start = time.perf_counter()
     cfg = config_from(args, data_root=args.positional)

@@ -1,15 +1,14 @@
 """Speed benchmark of the trained detector: start-up, end-to-end throughput, bare forward passes.
 
-    python bench/speed.py IMAGE_DIR [--weights weights] [--batch-size 32] [--workers N] [--threads T]
+    python -m bench.speed IMAGE_DIR [--weights weights] [--batch-size 32] [--workers N] [--threads T]
                           [--repeats 3] [--limit N] [--device auto] [--no-cold] [--allow-contention]
                           [--train DATA_ROOT [--train-epochs 1] [--profile NAME | profile=NAME] [key=value ...]]
                           [--out BENCHMARKS_speed.json]
-    python -m bench.speed ...   (the same)
 
 Measured in one process, on the images of IMAGE_DIR (the first --limit, in infer.py's order):
 
 1. start-up: the in-process time to import torch, `infer` and `ensemble.predictor`, and to load
-   the weights (`Detector.from_weights`); and the wall time of one cold subprocess
+   the weights (`EnsembleDetector.from_weights`); and the wall time of one cold subprocess
    `python infer.py ONE_IMAGE` (interpreter start, imports, load, one image).
 2. end to end: `infer.main([DIR, --csv, tmp.csv, ...])` in-process, exactly what
    `python infer.py DIR --csv out.csv` does (weights load, decode, face crop, transforms, every
@@ -53,15 +52,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python bench/speed.py`
-    sys.path.insert(0, str(REPO))
+from common.cli import CommandLine, entry_point
+from common.files import atomic_write
+
+REPO = Path(__file__).resolve().parent.parent  # the repository
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from common.cli import CommandLine, entry_point  # noqa: E402
-from common.files import atomic_write  # noqa: E402
 
 CONTENTION_CORES = 0.5      # other processes may use at most this many cores ...
 CONTENTION_WINDOWS = 0.10   # ... on average, and in at most this fraction of the 1-s windows
@@ -458,7 +455,7 @@ def markdown_report(r: dict) -> str:
         f"scoring only: {_fmt(r['ratio_scoring'], '', 3)}; target >= 0.9 on CPU |",
         f"| import (torch, infer, predictor) | {_fmt(s['import_s'], ' s')} | in-process"
         + (f"; already imported: {', '.join(s['already_imported'])}" if s["already_imported"] else "") + " |",
-        f"| weights load (`Detector.from_weights`) | {_fmt(s['load_s'], ' s')} | in-process |",
+        f"| weights load (`EnsembleDetector.from_weights`) | {_fmt(s['load_s'], ' s')} | in-process |",
         f"| cold `python infer.py ONE_IMAGE` | {_fmt(s['cold_infer'].get('seconds'), ' s')} | "
         f"{'skipped' if s['cold_infer'].get('skipped') else 'fresh process, wall time'} |",
         f"| peak RSS | {_fmt(r['memory']['peak_rss_mb'], ' MiB', 0)} | this process (largest child: "
@@ -486,7 +483,7 @@ def markdown_report(r: dict) -> str:
 
 def parse_args(argv):
     default_workers = min(4, os.cpu_count() or 1) - 1  # infer.py's default
-    parser = CommandLine("python bench/speed.py", __doc__, positional="IMAGE_DIR")
+    parser = CommandLine("python -m bench.speed", __doc__, positional="IMAGE_DIR")
     parser.add_argument("--weights", type=Path, default=REPO / "weights")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=default_workers, help="as infer.py --workers")
@@ -516,7 +513,7 @@ def main(argv=None) -> int:
     if not args.image_dir.is_dir():
         print(f"error: {args.image_dir}: not a directory", file=sys.stderr)
         return EXIT_USAGE
-    command = " ".join(shlex.quote(str(a)) for a in ["python", "bench/speed.py",
+    command = " ".join(shlex.quote(str(a)) for a in ["python", "-m", "bench.speed",
                                                      *(sys.argv[1:] if argv is None else argv)])
     load_before = loadavg()
     others_before = sample_others()
@@ -571,7 +568,7 @@ def measure(args, tmp: Path) -> tuple[dict, int]:
     import torch
 
     import infer
-    from ensemble.predictor import Detector
+    from ensemble.predictor import EnsembleDetector
     import_s = time.perf_counter() - start
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -589,7 +586,7 @@ def measure(args, tmp: Path) -> tuple[dict, int]:
 
     start = time.perf_counter()
     try:
-        detector = Detector.from_weights(args.weights, device=args.device)
+        detector = EnsembleDetector.from_weights(args.weights, device=args.device)
     except WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return {}, EXIT_USAGE

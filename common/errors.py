@@ -20,6 +20,11 @@ class UsageError(UserError, ValueError):
     """A bad command-line argument or function argument (a count below 1, an unknown device...)."""
 
 
+class DataLayoutError(UserError, ValueError):
+    """A data root, label file or folds file that cannot be read; the message names the file
+    and the reason. (Defined here so that every module reading data raises the same one.)"""
+
+
 class ConfigError(UserError, ValueError):
     """A config key that does not exist, or a value of the wrong type or range; the message
     names the key. (Defined here, below `configs`, so every stage can raise it.)"""

@@ -194,6 +194,15 @@ def accuracy_at(y, p, threshold):
     return float(np.mean((p >= threshold).astype(int) == y))
 
 
+def rank_against(reference, values):
+    """Mid-rank of each value among the reference scores (ties count half), divided by their
+    number: in [0, 1], and a single value is ranked on its own, whatever else is scored with it."""
+    reference = np.sort(np.asarray(reference, dtype=float))
+    below = np.searchsorted(reference, values, side="left")
+    below_or_equal = np.searchsorted(reference, values, side="right")
+    return (below + below_or_equal) / (2.0 * len(reference))
+
+
 # --------------------------------------------------------------------------
 # Summary and reporting
 # --------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Where and how the models run: the device, the seeds, mixed precision."""
+"""Where and how the models run: the device (and the DDP process group), the seeds, mixed precision."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
 
 import numpy as np
@@ -23,6 +25,36 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise UsageError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+@dataclasses.dataclass
+class Runtime:
+    """The device of this process and its place among the data-parallel processes."""
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device_name: str = "auto", threads: int = 0) -> Runtime:
+    """Pick the device (`threads` > 0: torch's CPU threads) and, under torchrun
+    (WORLD_SIZE > 1), join the process group."""
+    import torch.distributed as dist
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = select_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device.type == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, rank, world)
 
 
 def seed_everything(seed: int) -> None:

@@ -5,6 +5,7 @@
 
 Unknown keys are errors (a typo must not be silently ignored). The YAML files in this
 folder are named after their profile; `default` values live in the dataclasses below.
+`expert.*.KEY=VALUE` sets KEY on every expert defined so far (`expert.*.pretrained=false`).
 
 On the command line, every command that reads the config takes the same arguments
 (`common.cli.CommandLine`): `--profile NAME` or `profile=NAME`, and `key=value` overrides;
@@ -26,6 +27,7 @@ from common.errors import ConfigError, UnknownNameError
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_PROFILE = "cpu"
+EVERY_EXPERT = "*"  # expert.*.pretrained=false sets the key on every expert defined so far
 
 
 @dataclass
@@ -70,7 +72,7 @@ class LossConfig:
     ce: float = 1.0
     label_smoothing: float = 0.0
     kl: float = 0.0                # weight of KL(p(x) || p(x + noise)) consistency
-    kl_noise_std: float = 0.05     # Gaussian noise std in normalised-input units
+    kl_noise_std: float = 0.05     # std of the Gaussian noise added to the [0, 1] input (before normalisation)
     nce: float = 0.0               # weight of the supervised contrastive (InfoNCE) loss
     nce_temperature: float = 0.1
 
@@ -98,14 +100,15 @@ class EnsembleConfig:
     cv: int = 5                    # folds of the meta-learner's own cross-validation
     editing_fakes: float = 0.0     # share of validation reals also fitted on as an editing fake of itself
     monotone: bool = True          # P(fake) may only grow with each expert's score (no negative weights)
-    folds_csv: str = ""            # cluster folds (experts.cluster_split): out-of-fold stacking
 
 
 @dataclass
 class ExpertConfig:
-    """One expert = one registered architecture + the backbone it wraps."""
-    kind: str = "classifier"       # name in experts.registry
-    model: str = "convnext_atto"   # timm model name
+    """One expert = one registered kind + its settings. Each kind reads some of the fields
+    below (experts.base.check_expert_config): setting one it does not read is an error."""
+    kind: str = "timm"             # a kind of experts.EXPERTS: timm, clip, dae, forensic, mesonet
+                                   # (convnext, efficientnet and resnet: older names of timm)
+    model: str = "convnext_atto"   # timm model name (timm, clip; dae: its frozen feature CNN)
     pretrained: bool = False       # hub weights (needs network) ...
     pretrained_file: str = ""      # ... or a local .safetensors / .pth file
     image_size: int = 0            # 0 = data.image_size
@@ -114,8 +117,8 @@ class ExpertConfig:
     lr: float = 0.0                # 0 = train.lr
     input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)
     trainable: str = "all"         # all | layernorm_head (CLIP: LayerNorm affine + head only)
-    head_layers: int = 1           # MLP head depth (CLIP expert)
-    embed_dim: int = 128           # projection head for the NCE loss
+    head_layers: int = 1           # depth of the MLP head (timm, clip)
+    embed_dim: int = 128           # output of the projection head for the NCE loss
     drop_rate: float = 0.0
     score_weights: list[float] = field(default_factory=lambda: [0.4, 0.3, 0.3])  # DAE score mix
     noise_std: float = 0.1         # DAE input noise (0-1 pixel units)
@@ -196,8 +199,10 @@ def _merge(obj, updates: dict, prefix: str = ""):
             for name, sub in (value or {}).items():
                 if not isinstance(sub or {}, dict):
                     raise ConfigError(f"{path}.{name}: expected a mapping of settings, got {sub!r}")
-                entry = current.setdefault(name, ExpertConfig())
-                _merge(entry, sub or {}, f"{path}.{name}.")
+                # `expert.*.key=value`: every expert defined so far (the profile's and earlier overrides')
+                for each in (list(current) if name == EVERY_EXPERT else [name]):
+                    entry = current.setdefault(each, ExpertConfig())
+                    _merge(entry, sub or {}, f"{path}.{each}.")
         else:
             setattr(obj, key, _cast(value, typ, path))
 

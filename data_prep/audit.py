@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from common.cli import CommandLine, entry_point
 from common.files import atomic_write
-from data_prep.dataset import SPLITS, DataLayoutError, list_images, read_label_file
+from data_prep.dataset import SPLITS, DataLayoutError, list_images
 from data_prep.images import ImageDecodeError, decode_image
+from data_prep.labels import label_path, read_label_file
 
 # Of 64 bits. On the FF++ crops, pairs this close were frames of one video (a real and its
 # fakes, or neighbouring frames); at 8 about half of the pairs looked at were different people.
@@ -109,7 +110,7 @@ def labelled_images(root: Path) -> list[tuple[str, Path, int | None]]:
     images = []
     if any((root / split).is_dir() for split in SPLITS):
         for split in SPLITS:
-            folder, label_file = root / split, root / f"{split}_label.txt"
+            folder, label_file = root / split, label_path(root, split)
             if not folder.is_dir():
                 continue
             labels = read_label_file(label_file) if label_file.exists() else {}

@@ -3,7 +3,7 @@
 Two layouts are accepted under a data root:
 
 * competition: `trainset/` + `trainset_label.txt` (CSV, header `img_name,target`,
-  1 = fake, 0 = real), the same for `valset`, and an optional unlabelled `testset/`
+  1 = fake, 0 = real: `data_prep.labels`), the same for `valset`, and an optional unlabelled `testset/`
   (a `testset_label.txt` beside it is read only by evaluation);
 * folders: `real/` and `fake/`.
 
@@ -12,21 +12,16 @@ When there is no validation split (folders layout, or no `valset/`), a stratifie
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
+from common.errors import DataLayoutError
 from data_prep.images import is_image_file
+from data_prep.labels import label_path, read_csv_rows, read_label_file
 
 SPLITS = ("trainset", "valset", "testset")
-LABEL_HEADER = ("img_name", "target")
-
-
-class DataLayoutError(UserError, ValueError):
-    """A data root that cannot be read; the message names the file and the reason."""
 
 
 @dataclass(frozen=True)
@@ -45,46 +40,8 @@ def list_images(folder: Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
-def _read_two_column_csv(path: Path, header: tuple[str, str], missing: str) -> list[list[str]]:
-    """The rows after the header of a CSV whose first two columns are `header` (a BOM, CRLF
-    and extra columns are accepted); DataLayoutError naming the file otherwise."""
-    if not path.is_file():
-        raise DataLayoutError(f"{path}: {missing}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if not rows or [c.strip() for c in rows[0][:2]] != list(header):
-        raise DataLayoutError(f"{path}: first line must be the header '{','.join(header)}'")
-    return rows[1:]
-
-
-def read_label_file(label_file: Path) -> dict[str, int]:
-    """img_name -> target from a competition label CSV, with errors naming file and line."""
-    rows = _read_two_column_csv(label_file, LABEL_HEADER, "missing label file")
-    labels: dict[str, int] = {}
-    for line_no, row in enumerate(rows, start=2):
-        if not row or not "".join(row).strip():
-            continue
-        if len(row) < 2:
-            raise DataLayoutError(f"{label_file}:{line_no}: expected 'img_name,target', got {row!r}")
-        name, target = row[0].strip(), row[1].strip()
-        if target not in ("0", "1"):
-            raise DataLayoutError(f"{label_file}:{line_no}: target of {name!r} must be 0 or 1, got {target!r}")
-        if name in labels:
-            raise DataLayoutError(f"{label_file}:{line_no}: {name!r} is listed twice")
-        labels[name] = int(target)
-    return labels
-
-
-def write_label_file(path: Path, rows) -> None:
-    """A competition label CSV: the header, then one `img_name,target` row per (name, target)."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(LABEL_HEADER)
-        writer.writerows(rows)
-
-
 def read_labelled_split(root: Path, split: str) -> list[Sample]:
-    folder, label_file = root / split, root / f"{split}_label.txt"
+    folder, label_file = root / split, label_path(root, split)
     if not folder.is_dir():
         raise DataLayoutError(f"{folder}: missing image folder")
     labels = read_label_file(label_file)
@@ -104,7 +61,7 @@ def read_methods_file(root: Path, split: str) -> dict[str, str]:
     """img_name -> manipulation method from `<split>_methods.csv` (columns img_name,method;
     method is `real` for the reals), as FaceForensics++-style data sets ship it."""
     path = Path(root) / f"{split}_methods.csv"
-    rows = _read_two_column_csv(path, ("img_name", "method"), "missing; data.methods needs a methods file per split")
+    rows = read_csv_rows(path, ("img_name", "method"), "missing; data.methods needs a methods file per split")
     return {row[0].strip(): row[1].strip() for row in rows if len(row) >= 2 and row[0].strip()}
 
 
@@ -150,7 +107,7 @@ def load_splits(root, seed: int = 0, val_fraction: float = 0.15, methods: list[s
     root = Path(root)
     if not root.is_dir():
         raise DataLayoutError(f"{root}: data root is not a directory")
-    if (root / "trainset").is_dir() or (root / "trainset_label.txt").exists():
+    if (root / "trainset").is_dir() or label_path(root, "trainset").exists():
         train = read_labelled_split(root, "trainset")
         if methods:
             train = filter_methods(train, read_methods_file(root, "trainset"), methods, root / "trainset")
@@ -185,7 +142,7 @@ def read_extra_reals(folder) -> list[Sample]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataLayoutError(f"{folder}: data.extra_reals entry is not a directory")
-    if (folder / "trainset").is_dir() or (folder / "trainset_label.txt").exists():
+    if (folder / "trainset").is_dir() or label_path(folder, "trainset").exists():
         reals = [s for s in read_labelled_split(folder, "trainset") if s.target == 0]
     elif (folder / "real").is_dir():
         reals = [Sample(p, 0) for p in list_images(folder / "real")]
@@ -194,11 +151,6 @@ def read_extra_reals(folder) -> list[Sample]:
     if not reals:
         raise DataLayoutError(f"{folder}: data.extra_reals entry holds no real images")
     return reals
-
-
-def read_test_labels(root) -> dict[str, int] | None:
-    label_file = Path(root) / "testset_label.txt"
-    return read_label_file(label_file) if label_file.exists() else None
 
 
 def summarize(samples: list[Sample]) -> dict:

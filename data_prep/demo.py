@@ -33,8 +33,9 @@ import numpy as np
 
 from common.cli import CommandLine, entry_point
 from common.errors import OutputExistsError, UsageError, UserError
-from data_prep.dataset import SPLITS, write_label_file
+from data_prep.dataset import SPLITS
 from data_prep.images import JPEG_QUALITY_RANGE, decode_image, encode_jpeg
+from data_prep.labels import label_path, write_label_file
 from data_prep.manipulations import random_manipulation
 
 MAX_PHOTO_SIDE = 720           # photos are shrunk once at load; crops never need more
@@ -217,7 +218,7 @@ def build_demo(out_dir, seed=0, n_train=200, n_val=80, n_test=80, size=160) -> P
         split_dir = out / split
         _prepare_split_dir(split_dir)
         rows = build_split(photos, split_dir, counts[split], size, rng)
-        write_label_file(out / f"{split}_label.txt", rows)
+        write_label_file(label_path(out, split), rows)
     return out
 
 

@@ -44,17 +44,14 @@ Decisions:
 
 CPU smoke demo with a tiny random pipeline (the images are noise, the code path is real):
 
-    python -c "from data_prep.diffusion import build_tiny_pipeline_dir as b; b('/tmp/tiny_sd')"
+    python -c "from tests.tiny_diffusion import build_tiny_pipeline_dir as b; b('/tmp/tiny_sd')"
     python -m data_prep.diffusion DATA_ROOT --model /tmp/tiny_sd --out /tmp/sd_fakes \
         --size 64 --steps 2 --limit 4 --device cpu
 """
 from __future__ import annotations
 
-import inspect
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,24 +59,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline,
-                       StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel)
 from PIL import Image, JpegImagePlugin
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from common.cli import CommandLine, entry_point
-from common.errors import UsageError, UserError
+from common.errors import UsageError
 from common.files import atomic_write
-from common.runtime import select_device
-from data_prep.dataset import read_label_file
+from data_prep.diffusion_pipelines import ModelLoadError, Pipelines, load_pipelines
 from data_prep.images import ImageDecodeError, decode_image
+from data_prep.labels import append_label_rows, label_path, read_label_file, write_label_file
 
 MODES = ("inpaint", "img2img", "both")
 NAME_TAGS = {"inpaint": "sdinp", "img2img": "sdi2i"}  # <stem>_<tag>_<k>.jpg
 MODE_IDS = {"inpaint": 0, "img2img": 1}  # part of each fake's seed
 DEFAULT_PROMPT = "a photo of a face"
-LABEL_HEADER = "img_name,target"
 FALLBACK_JPEG_QUALITY = 95  # when the real image is not a JPEG (no tables to copy)
 
 # Centred face ellipse, as fractions of the image width / height, and its jitter.
@@ -87,19 +80,6 @@ ELLIPSE_CENTRE_Y = 0.52  # faces sit slightly below the middle of a head-and-sho
 ELLIPSE_RADIUS_X, ELLIPSE_RADIUS_Y = 0.27, 0.35
 CENTRE_JITTER, RADIUS_JITTER = 0.04, 0.12  # +- fraction of the size / of the radius
 FEATHER_FRACTION = 0.04  # blur sigma of the soft edge, as a fraction of the short side
-
-
-class ModelLoadError(UserError, RuntimeError):
-    """A model that cannot be loaded; the message names it and says why."""
-
-
-@dataclass
-class Pipelines:
-    """The loaded pipelines; `img2img` is None when the checkpoint cannot do img2img."""
-    inpaint: StableDiffusionInpaintPipeline
-    img2img: StableDiffusionImg2ImgPipeline | None
-    device: torch.device
-    img2img_missing_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,78 +99,6 @@ class FakeJob:
         return self.real_index, self.k, MODE_IDS[self.mode]
 
 
-# ================================================================ loading models
-
-def load_pipelines(model: str, device: str = "auto", img2img_model: str | None = None) -> Pipelines:
-    """Load an inpainting pipeline from `model` and, when possible, an img2img one.
-
-    img2img comes from `img2img_model` when given, else from `model`'s own weights when its
-    UNet takes 4 channels; an inpainting UNet (9 channels) leaves img2img unavailable.
-    """
-    device = select_device(device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    inpaint = _from_pretrained(StableDiffusionInpaintPipeline, model, dtype)
-    channels = inpaint.unet.config.in_channels
-    if channels not in (4, 9):
-        raise ModelLoadError(f"{model}: UNet has {channels} input channels; "
-                             f"expected 4 (plain SD) or 9 (inpainting)")
-
-    reason = ""
-    if img2img_model:
-        img2img = _from_pretrained(StableDiffusionImg2ImgPipeline, img2img_model, dtype)
-        if img2img.unet.config.in_channels != 4:
-            raise ModelLoadError(f"{img2img_model}: --img2img-model must be a plain SD checkpoint "
-                                 f"(UNet with 4 input channels), not an inpainting one")
-    elif channels == 4:
-        img2img = _img2img_sharing_weights(inpaint)
-    else:
-        img2img = None
-        reason = (f"{model} is an inpainting checkpoint (9-channel UNet), which cannot do img2img; "
-                  f"pass --img2img-model with a plain SD checkpoint")
-
-    for pipe in (inpaint, img2img):
-        if pipe is not None:
-            pipe.to(device)
-            pipe.set_progress_bar_config(disable=True)  # one tqdm bar over the whole run instead
-    return Pipelines(inpaint, img2img, device, reason)
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _from_pretrained(pipeline_class, model: str, dtype: torch.dtype):
-    """`pipeline_class.from_pretrained` with one-line errors and no network when offline."""
-    path = Path(model).expanduser()
-    is_local = path.is_dir()
-    if path.exists() and not is_local:
-        raise ModelLoadError(f"{model}: is a file; expected a pipeline directory (with model_index.json)")
-    if not is_local and (model.startswith((".", "/", "~")) or model.count("/") > 1):
-        raise ModelLoadError(f"{model}: no such directory")
-    offline = hub_offline()
-    try:
-        return pipeline_class.from_pretrained(
-            str(path) if is_local else model,
-            dtype=dtype,
-            local_files_only=is_local or offline,
-            safety_checker=None,  # see the module docstring
-            requires_safety_checker=False,
-        )
-    except (OSError, ValueError) as exc:
-        if not is_local and offline:
-            raise ModelLoadError(f"{model}: not a local directory and not in the Hugging Face cache, "
-                                 f"and HF_HUB_OFFLINE is set; pass a local pipeline directory") from None
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelLoadError(f"{model}: cannot load pipeline ({first_line})") from None
-
-
-def _img2img_sharing_weights(pipe) -> StableDiffusionImg2ImgPipeline:
-    """An img2img pipeline built from `pipe`'s modules, so the weights are in memory once."""
-    accepted = inspect.signature(StableDiffusionImg2ImgPipeline.__init__).parameters
-    components = {name: module for name, module in pipe.components.items() if name in accepted}
-    return StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=False)
-
-
 # ================================================================ generating fakes
 
 def generate_fakes(data_root, out, pipelines: Pipelines, split: str = "trainset", mode: str = "inpaint",
@@ -203,21 +111,23 @@ def generate_fakes(data_root, out, pipelines: Pipelines, split: str = "trainset"
     data_root, out = Path(data_root), Path(out)
     real_dir = data_root / split
     image_dir, mask_dir = out / split, out / f"{split}_masks"
-    label_path = out / f"{split}_label.txt"
+    out_labels = label_path(out, split)
 
     modes, skipped_modes = _usable_modes(mode, pipelines)
-    real_names = [name for name, target in read_label_file(data_root / f"{split}_label.txt").items()
+    real_names = [name for name, target in read_label_file(label_path(data_root, split)).items()
                   if target == 0][:limit]
     jobs = [FakeJob(name, index, k, m)
             for m in modes for index, name in enumerate(real_names) for k in range(per_real)]
 
     image_dir.mkdir(parents=True, exist_ok=True)
     mask_dir.mkdir(parents=True, exist_ok=True)
-    labelled = _ensure_label_file(label_path)
+    if not out_labels.exists():  # even when nothing is made: the output is a labelled split
+        write_label_file(out_labels, [])
+    labelled = set(read_label_file(out_labels))
     done = [job for job in jobs if (image_dir / job.out_name).exists()]
     pending = [job for job in jobs if not (image_dir / job.out_name).exists()]
     # Fakes on disk without a row are from a run killed between saving and appending.
-    rows_added = _append_label_rows(label_path, [job.out_name for job in done], labelled)
+    rows_added = append_label_rows(out_labels, [job.out_name for job in done], 1, labelled)
 
     settings = dict(steps=steps, strength=strength, guidance=guidance, size=size, prompt=prompt, seed=seed)
     generated, unreadable = 0, []
@@ -227,7 +137,7 @@ def generate_fakes(data_root, out, pipelines: Pipelines, split: str = "trainset"
             for start in range(0, len(mode_jobs), batch_size):
                 batch = mode_jobs[start:start + batch_size]
                 made, failed = _make_batch(batch, pipelines, real_dir, image_dir, mask_dir, settings)
-                rows_added += _append_label_rows(label_path, [job.out_name for job in made], labelled)
+                rows_added += append_label_rows(out_labels, [job.out_name for job in made], 1, labelled)
                 generated += len(made)
                 unreadable.extend(failed)
                 bar.update(len(batch))
@@ -386,94 +296,6 @@ def _save_atomically(image: Image.Image, path: Path, **save_options) -> None:
         image.save(handle, **save_options)
 
 
-# ================================================================ the output label file
-
-def _ensure_label_file(label_path: Path) -> set[str]:
-    """Create the label file with its header if missing; return the names already in it."""
-    if not label_path.exists():
-        label_path.write_text(LABEL_HEADER + "\n", encoding="utf-8")
-        return set()
-    return set(read_label_file(label_path))
-
-
-def _append_label_rows(label_path: Path, names: list[str], labelled: set[str]) -> int:
-    """Append `<name>,1` for the names not yet in `labelled` (updated); return how many."""
-    names = [name for name in names if name not in labelled]
-    if not names:
-        return 0
-    labelled.update(names)
-    text = label_path.read_text(encoding="utf-8")
-    separator = "" if text.endswith("\n") else "\n"  # a hand-edited file may lack the last newline
-    with open(label_path, "a", encoding="utf-8") as f:
-        f.write(separator + "".join(f"{name},1\n" for name in names))
-    return len(names)
-
-
-# ================================================================ tiny pipeline for tests and demos
-
-def build_tiny_pipeline_dir(path, inpaint: bool = True) -> Path:
-    """Save a tiny randomly initialised SD pipeline to `path` (no download) and return the path.
-
-    Same component classes as a real checkpoint, so loading it exercises the real
-    `from_pretrained` path; outputs are noise. `inpaint=True` gives a 9-channel inpainting
-    UNet, `inpaint=False` a plain 4-channel one. Sizes follow diffusers' own fast tests; the
-    VAE downscales by 2, so `size=64` gives 32x32 latents = the UNet's sample_size.
-    """
-    path = Path(path)
-    tokenizer = _tiny_clip_tokenizer()
-    with torch.random.fork_rng(devices=[]):  # same weights every time, global RNG untouched
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=32,
-            in_channels=9 if inpaint else 4, out_channels=4, cross_attention_dim=32,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            vocab_size=1000, layer_norm_eps=1e-5, max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
-    # Stable Diffusion v1's noise schedule.
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipeline_class = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
-    pipe = pipeline_class(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                          requires_safety_checker=False)
-    pipe.save_pretrained(path)
-    return path
-
-
-def _tiny_clip_tokenizer():
-    """A CLIPTokenizer whose vocabulary is the 256 byte-level symbols (no merges, no download).
-
-    Every byte is a token, so any prompt tokenises; 2 + 2 * 256 = 514 ids < the text
-    encoder's vocab_size of 1000.
-    """
-    symbols = [chr(c) for c in _byte_level_alphabet()]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):  # CLIP's BPE marks the last symbol of a word with </w>
-        for symbol in symbols:
-            vocab[symbol + suffix] = len(vocab)
-    with tempfile.TemporaryDirectory() as folder:
-        Path(folder, "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        Path(folder, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=77, local_files_only=True)
-
-
-def _byte_level_alphabet() -> list[int]:
-    """GPT-2 / CLIP byte -> printable unicode mapping: printable bytes map to themselves,
-    the others to code points from 256 upwards."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return printable + [256 + i for i in range(len(others))]
-
-
 # ================================================================ command line
 
 @entry_point
@@ -501,7 +323,7 @@ def main(argv=None) -> int:
     # Check the cheap things (settings, label file) before loading a multi-GB model.
     _check_settings(args.mode, args.per_real, args.batch_size, args.steps, args.strength,
                     args.size, args.limit)
-    read_label_file(args.data_root / f"{args.split}_label.txt")
+    read_label_file(label_path(args.data_root, args.split))
     pipelines = load_pipelines(args.model, args.device, args.img2img_model)
     summary = generate_fakes(
         args.data_root, args.out, pipelines, split=args.split, mode=args.mode,

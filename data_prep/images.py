@@ -37,7 +37,7 @@ ALPHA_BACKGROUND = (255, 255, 255)
 
 BYTES_SOURCE_NAME = "<bytes>"  # how an in-memory source is named in error messages
 
-# The data builders (data_prep.demo, data_prep.augment) save reals and fakes alike as JPEGs
+# The data builders (data_prep.demo, data_prep.make_fakes) save reals and fakes alike as JPEGs
 # of a random quality in this range (inclusive), so the compression never tells them apart.
 JPEG_QUALITY_RANGE = (75, 95)
 

@@ -25,83 +25,24 @@ import cv2
 import numpy as np
 
 from common.errors import UnknownNameError
-from data_prep.landmarks import landmark_region
+from data_prep.masks import (
+    Box,
+    blend,
+    box_side,
+    check_image,
+    face_rect,
+    feathered_rect,
+    normalised,
+    pixel_grid,
+    shrink_rect,
+    smooth_field,
+    soft_face_mask,
+)
 
-MIN_SIDE = 8                   # smallest image side the ops accept
-MIN_FACE_SIDE = 4              # a clipped face box smaller than this falls back to the default
-DEFAULT_FACE_FRACTION = 0.6    # face_box=None: centred box of this fraction of width and height
 SBI_BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # as in the SBI paper's code
 
-Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), end-exclusive, inside the image
 
-
-# ---------------------------------------------------------------- shared helpers
-
-def _check_image(image, what: str = "image", min_side: int = MIN_SIDE) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
-            or image.shape[2] != 3:
-        got = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) \
-            else type(image).__name__
-        raise ValueError(f"{what} must be an H x W x 3 uint8 array, got {got}")
-    if min(image.shape[:2]) < min_side:
-        raise ValueError(f"{what} is {image.shape[1]}x{image.shape[0]}; "
-                         f"each side must be at least {min_side} pixels")
-    return np.ascontiguousarray(image)
-
-
-def _face_rect(shape_hw, face_box) -> Box:
-    """The face box clipped to the image, or the centred default face."""
-    h, w = shape_hw
-    if face_box is not None:
-        x, y, bw, bh = (float(v) for v in face_box)
-        x0, y0 = max(0, round(x)), max(0, round(y))
-        x1, y1 = min(w, round(x + bw)), min(h, round(y + bh))
-        if x1 - x0 >= MIN_FACE_SIDE and y1 - y0 >= MIN_FACE_SIDE:
-            return x0, y0, x1, y1
-    bw, bh = max(1, round(w * DEFAULT_FACE_FRACTION)), max(1, round(h * DEFAULT_FACE_FRACTION))
-    x0, y0 = (w - bw) // 2, (h - bh) // 2
-    return x0, y0, x0 + bw, y0 + bh
-
-
-def _shrink(rect: Box, factor: float) -> tuple[float, float, float, float]:
-    """(x, y, w, h) of the rect scaled by `factor` about its centre."""
-    x0, y0, x1, y1 = rect
-    bw, bh = (x1 - x0) * factor, (y1 - y0) * factor
-    return (x0 + x1 - bw) / 2, (y0 + y1 - bh) / 2, bw, bh
-
-
-def _box_side(rect: Box) -> int:
-    return min(rect[2] - rect[0], rect[3] - rect[1])
-
-
-def _blend(image: np.ndarray, edited: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """mask * edited + (1 - mask) * image, rounded back to uint8."""
-    base = image.astype(np.float32)
-    out = base + mask[..., None] * (edited.astype(np.float32) - base)
-    return _to_uint8(out)
-
-
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
-
-
-def _normalised(mask: np.ndarray) -> np.ndarray:
-    """Scale so the strongest pixel is 1 (blurring lowers the peak of small shapes)."""
-    peak = float(mask.max())
-    return (mask / peak).astype(np.float32) if peak > 0 else mask.astype(np.float32)
-
-
-def _smooth_field(shape_hw, rng: np.random.Generator, grid: int, amplitude: float) -> np.ndarray:
-    """A smooth random H x W field: Gaussian noise on a coarse grid, upsampled bicubically."""
-    h, w = shape_hw
-    coarse = rng.normal(0.0, amplitude, size=(grid, grid)).astype(np.float32)
-    return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
-
-
-def _pixel_grid(shape_hw) -> tuple[np.ndarray, np.ndarray]:
-    h, w = shape_hw
-    return np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-
+# ---------------------------------------------------------------- colour
 
 def _rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """Float Lab (L in 0..100) without 8-bit quantisation."""
@@ -110,62 +51,6 @@ def _rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 
 def _lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_LAB2RGB) * 255.0
-
-
-# ---------------------------------------------------------------- the soft face mask
-
-def soft_face_mask(shape_hw, face_box, rng: np.random.Generator, deform: bool = True,
-                   landmarks=None) -> np.ndarray:
-    """Soft face-shaped mask, peak 1, float32 H x W in [0, 1]: the hull of the 68 facial
-    `landmarks` when given (data_prep.landmarks), else an ellipse inscribed in the (clipped)
-    face box.
-
-    With `deform`, the shape is jittered and bent by a smooth elastic field and blurred by a
-    random amount, so blending boundaries do not all look the same.
-    """
-    h, w = int(shape_hw[0]), int(shape_hw[1])
-    if landmarks is not None:
-        region, side = landmark_region((h, w), landmarks, rng)
-        return _bend_and_blur(region, rng, side, rng.uniform(0.01, 0.08) if deform else 0.04, deform)
-    rect = _face_rect((h, w), face_box)
-    side = _box_side(rect)
-    x0, y0, x1, y1 = rect
-    centre = ((x0 + x1) / 2, (y0 + y1) / 2)
-    half_axes = ((x1 - x0) / 2 * 0.9, (y1 - y0) / 2 * 0.9)
-    angle, blur_fraction = 0.0, 0.08
-    if deform:
-        side_jitter = 0.05 * side
-        centre = (centre[0] + rng.uniform(-side_jitter, side_jitter),
-                  centre[1] + rng.uniform(-side_jitter, side_jitter))
-        half_axes = (half_axes[0] * rng.uniform(0.8, 1.1), half_axes[1] * rng.uniform(0.8, 1.1))
-        angle = rng.uniform(-15.0, 15.0)
-        blur_fraction = rng.uniform(0.04, 0.12)
-
-    ellipse = np.zeros((h, w), np.uint8)
-    cv2.ellipse(ellipse, (round(centre[0]), round(centre[1])),
-                (max(1, round(half_axes[0])), max(1, round(half_axes[1]))),
-                angle, 0, 360, 255, thickness=-1)
-    return _bend_and_blur(ellipse.astype(np.float32) / 255.0, rng, side, blur_fraction, deform,
-                          amplitude=0.06, min_sigma=1.0)
-
-
-def _bend_and_blur(mask, rng, side: float, blur_fraction: float, deform: bool,
-                   amplitude: float = 0.04, min_sigma: float = 0.5) -> np.ndarray:
-    if deform:
-        bent = _elastic_deform(mask, rng, amplitude=amplitude * side)
-        if bent.max() > 0.5:  # a deformation that (nearly) erased a tiny shape is dropped
-            mask = bent
-    sigma = max(min_sigma, blur_fraction * side)
-    mask = cv2.GaussianBlur(mask, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
-    return np.clip(_normalised(mask), 0.0, 1.0)
-
-
-def _elastic_deform(mask: np.ndarray, rng: np.random.Generator, amplitude: float) -> np.ndarray:
-    grid = int(rng.integers(3, 6))
-    dx = _smooth_field(mask.shape, rng, grid, amplitude)
-    dy = _smooth_field(mask.shape, rng, grid, amplitude)
-    xs, ys = _pixel_grid(mask.shape)
-    return cv2.remap(mask, xs + dx, ys + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
 
 
 # ---------------------------------------------------------------- self_blend (SBI)
@@ -177,13 +62,13 @@ def self_blend(image, rng, donor=None, face_box=None, landmarks=None):
     small shift and scale) is blended back into the original through a deformed soft
     mask: a fake whose only evidence is the blending boundary and statistics mismatch.
     """
-    image = _check_image(image)
-    rect = _face_rect(image.shape[:2], face_box)
+    image = check_image(image)
+    rect = face_rect(image.shape[:2], face_box)
     target = _jitter_colour(image, rng)
     target = _sharpen_or_blur(target, rng)
     target = _small_shift_and_scale(target, rng, rect)
     mask = soft_face_mask(image.shape[:2], face_box, rng, landmarks=landmarks) * float(rng.choice(SBI_BLEND_RATIOS))
-    return _blend(image, target, mask), mask.astype(np.float32)
+    return blend(image, target, mask), mask.astype(np.float32)
 
 
 def _jitter_colour(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -210,7 +95,7 @@ def _sharpen_or_blur(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _small_shift_and_scale(rgb: np.ndarray, rng: np.random.Generator, rect: Box) -> np.ndarray:
     """SBI's target misalignment: up to 3 % shift and 5 % scale about the face centre."""
     h, w = rgb.shape[:2]
-    side = _box_side(rect)
+    side = box_side(rect)
     centre = ((rect[0] + rect[2]) / 2, (rect[1] + rect[3]) / 2)
     matrix = cv2.getRotationMatrix2D(centre, 0.0, rng.uniform(0.95, 1.05))
     matrix[:, 2] += rng.uniform(-0.03, 0.03, size=2) * side
@@ -223,19 +108,19 @@ def _small_shift_and_scale(rgb: np.ndarray, rng: np.random.Generator, rect: Box)
 def splice(image, rng, donor=None, face_box=None, landmarks=None):
     """Paste the donor's face region (same place; faces assumed roughly aligned) through a
     soft mask, after matching its Lab colour statistics to this face, like a face swap."""
-    image = _check_image(image)
+    image = check_image(image)
     h, w = image.shape[:2]
     if donor is None:
         donor = _shifted_mirror(image, rng)
     else:
-        donor = _check_image(donor, "donor", min_side=1)
+        donor = check_image(donor, "donor", min_side=1)
         if donor.shape[:2] != (h, w):
             shrinking = donor.shape[0] * donor.shape[1] > h * w
             donor = cv2.resize(donor, (w, h), interpolation=cv2.INTER_AREA if shrinking
                                else cv2.INTER_LINEAR)
     mask = soft_face_mask((h, w), face_box, rng, landmarks=landmarks)
     matched = _match_colour(donor, image, mask)
-    return _blend(image, matched, mask), mask
+    return blend(image, matched, mask), mask
 
 
 def _shifted_mirror(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -273,7 +158,7 @@ def _weighted_stats(channel: np.ndarray, weights: np.ndarray, wsum: float) -> tu
 
 def copy_move(image, rng, donor=None, face_box=None, landmarks=None):
     """Copy a random patch of the image onto another place, with feathered edges."""
-    image = _check_image(image)
+    image = check_image(image)
     h, w = image.shape[:2]
     ph = max(2, round(h * rng.uniform(0.15, 0.35)))
     pw = max(2, round(w * rng.uniform(0.15, 0.35)))
@@ -282,8 +167,8 @@ def copy_move(image, rng, donor=None, face_box=None, landmarks=None):
 
     edited = image.copy()
     edited[dy:dy + ph, dx:dx + pw] = image[sy:sy + ph, sx:sx + pw]
-    mask = _feathered_rect((h, w), (dy, dx, ph, pw))
-    return _blend(image, edited, mask), mask
+    mask = feathered_rect((h, w), (dy, dx, ph, pw))
+    return blend(image, edited, mask), mask
 
 
 def _distant_position(rng, shape_hw, patch_hw, source_yx, tries: int = 10) -> tuple[int, int]:
@@ -296,49 +181,35 @@ def _distant_position(rng, shape_hw, patch_hw, source_yx, tries: int = 10) -> tu
     return dy, dx
 
 
-def _feathered_rect(shape_hw, rect_yxhw) -> np.ndarray:
-    """1 inside the rectangle, fading to 0 at its border, exactly 0 outside it."""
-    y, x, ph, pw = rect_yxhw
-    margin = max(1, round(0.15 * min(ph, pw)))
-    inside = np.zeros(shape_hw, np.float32)
-    inside[y:y + ph, x:x + pw] = 1.0
-    core = np.zeros(shape_hw, np.float32)
-    core[y + margin:y + ph - margin, x + margin:x + pw - margin] = 1.0
-    if not core.any():
-        core = inside.copy()
-    mask = cv2.GaussianBlur(core, (0, 0), margin / 2 + 0.5) * inside
-    return np.clip(_normalised(mask), 0.0, 1.0)
-
-
 # ---------------------------------------------------------------- resample
 
 def resample(image, rng, donor=None, face_box=None, landmarks=None):
     """Inner face downscaled by 0.3-0.7 and upscaled back: the blur of a low-res face swap."""
-    image = _check_image(image)
+    image = check_image(image)
     h, w = image.shape[:2]
     factor = rng.uniform(0.3, 0.7)
     small_size = (max(1, round(w * factor)), max(1, round(h * factor)))
     down = cv2.INTER_AREA if rng.random() < 0.5 else cv2.INTER_LINEAR
     up = cv2.INTER_LINEAR if rng.random() < 0.5 else cv2.INTER_CUBIC
     blurred = cv2.resize(cv2.resize(image, small_size, interpolation=down), (w, h), interpolation=up)
-    inner_face = _shrink(_face_rect((h, w), face_box), 0.8)
+    inner_face = shrink_rect(face_rect((h, w), face_box), 0.8)
     mask = soft_face_mask((h, w), inner_face, rng)
-    return _blend(image, blurred, mask), mask
+    return blend(image, blurred, mask), mask
 
 
 # ---------------------------------------------------------------- warp
 
 def warp(image, rng, donor=None, face_box=None, landmarks=None):
     """Smooth random displacement (2-7 % of the face size) that fades out at the face edge."""
-    image = _check_image(image)
+    image = check_image(image)
     h, w = image.shape[:2]
     mask = soft_face_mask((h, w), face_box, rng, landmarks=landmarks)
-    side = _box_side(_face_rect((h, w), face_box))
+    side = box_side(face_rect((h, w), face_box))
     amplitude = max(1.5, rng.uniform(0.02, 0.07) * side)
     grid = int(rng.integers(3, 6))
-    dx = _smooth_field((h, w), rng, grid, amplitude) * mask
-    dy = _smooth_field((h, w), rng, grid, amplitude) * mask
-    xs, ys = _pixel_grid((h, w))
+    dx = smooth_field((h, w), rng, grid, amplitude) * mask
+    dy = smooth_field((h, w), rng, grid, amplitude) * mask
+    xs, ys = pixel_grid((h, w))
     warped = cv2.remap(image, xs + dx, ys + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     # The displacement is weighted by `mask`, so `mask` is where (and how much) pixels moved.
     return warped, mask
@@ -348,7 +219,7 @@ def warp(image, rng, donor=None, face_box=None, landmarks=None):
 
 def color_mismatch(image, rng, donor=None, face_box=None, landmarks=None):
     """Face lighter/darker and tinted relative to the rest: a colour-correction failure."""
-    image = _check_image(image)
+    image = check_image(image)
     lab = _rgb_to_lab(image)
     sign = rng.choice([-1.0, 1.0], size=3)
     lab[..., 0] = lab[..., 0] * rng.uniform(0.9, 1.1) + sign[0] * rng.uniform(6.0, 18.0)
@@ -357,30 +228,30 @@ def color_mismatch(image, rng, donor=None, face_box=None, landmarks=None):
     lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
     shifted = np.clip(_lab_to_rgb(lab), 0.0, 255.0)
     mask = soft_face_mask(image.shape[:2], face_box, rng, landmarks=landmarks)
-    return _blend(image, shifted, mask), mask
+    return blend(image, shifted, mask), mask
 
 
 # ---------------------------------------------------------------- inpaint
 
 def inpaint(image, rng, donor=None, face_box=None, landmarks=None):
     """Erase 1-3 random blobs inside the face and let OpenCV fill them (TELEA or NS)."""
-    image = _check_image(image)
+    image = check_image(image)
     h, w = image.shape[:2]
-    rect = _face_rect((h, w), face_box)
+    rect = face_rect((h, w), face_box)
     hole = _random_blobs((h, w), rect, rng)
     method = cv2.INPAINT_TELEA if rng.random() < 0.5 else cv2.INPAINT_NS
     filled = cv2.inpaint(image, hole, float(rng.integers(2, 6)), method)
     # The filled pixels plus a soft rim: inpainting also smooths the hole's surroundings' look.
     rim = cv2.dilate(hole, np.ones((3, 3), np.uint8)).astype(np.float32) / 255.0
     mask = np.maximum(cv2.GaussianBlur(rim, (0, 0), 1.5), hole.astype(np.float32) / 255.0)
-    return filled, np.clip(_normalised(mask), 0.0, 1.0)
+    return filled, np.clip(normalised(mask), 0.0, 1.0)
 
 
 def _random_blobs(shape_hw, rect: Box, rng: np.random.Generator) -> np.ndarray:
     """uint8 mask (255 = hole) of 1-3 random ellipses centred in the inner face."""
     hole = np.zeros(shape_hw, np.uint8)
-    side = _box_side(rect)
-    x, y, bw, bh = _shrink(rect, 0.8)
+    side = box_side(rect)
+    x, y, bw, bh = shrink_rect(rect, 0.8)
     for _ in range(int(rng.integers(1, 4))):
         centre = (round(x + rng.uniform(0, bw)), round(y + rng.uniform(0, bh)))
         axes = tuple(max(1, round(side * rng.uniform(0.08, 0.2))) for _ in range(2))

@@ -45,3 +45,9 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     """H x W x 3 uint8 -> 3 x H x W uint8 tensor; normalisation happens in the expert, on
     the device, so data loading stays cheap and the mean/std travel with the weights."""
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+
+
+def crop_to_tensor(crop: np.ndarray, size: int) -> torch.Tensor:
+    """A face crop -> the uint8 tensor (3, size, size) an expert of input `size` sees, the same
+    in validation, inference, evaluation and embedding (training augments first)."""
+    return to_tensor(resize_square(crop, size))

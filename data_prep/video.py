@@ -22,6 +22,7 @@ import numpy as np
 
 from common.cli import CommandLine, entry_point
 from common.errors import UsageError, UserError
+from data_prep.labels import label_path, write_label_file
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})
 AGGREGATION_RULES = ("mean", "median", "confidence", "max")
@@ -212,19 +213,6 @@ def read_video_labels(root) -> list[tuple[str, int]]:
     return labels
 
 
-def video_frames_dataset(root, n_frames: int = 16) -> list[tuple[str, int, np.ndarray, int]]:
-    """(video_name, frame_index, frame, target) for `n_frames` sampled frames of every
-    labelled video in `root`; each frame inherits its video's label.
-
-    Everything is held in memory (videos x n_frames x one frame): meant for small folders.
-    """
-    samples = []
-    for name, target in read_video_labels(root):
-        for index, frame in sample_frames(Path(root) / name, n_frames):
-            samples.append((name, index, frame, target))
-    return samples
-
-
 # ================================================================ training on videos
 
 def extract_frames_layout(video_root, out, n_frames: int = 16, val_fraction: float = 0.25,
@@ -258,10 +246,7 @@ def extract_frames_layout(video_root, out, n_frames: int = 16, val_fraction: flo
             rows[split].append((image_name, target))
     for split, split_rows in rows.items():
         if split_rows:
-            with open(out / f"{split}_label.txt", "w", newline="") as f:
-                writer = csv.writer(f, lineterminator="\n")
-                writer.writerow(["img_name", "target"])
-                writer.writerows(sorted(split_rows))
+            write_label_file(label_path(out, split), sorted(split_rows))
     return out
 
 

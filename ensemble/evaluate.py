@@ -19,7 +19,8 @@ evaluated images: those numbers are optimistic (metrics.json says so).
 The rank-mean baseline ranks every expert score among that expert's validation scores, so a
 single image gets the same score whatever else is evaluated with it.
 
-Outputs in `--reports` (default cfg.reports):
+Outputs in `--reports` (default cfg.reports; the files are written by `ensemble.reports`, the
+figures drawn by `ensemble.visuals`):
   metrics.json   split, image counts, unreadable files, per-model metrics, stacker method,
                  thresholds, and (with --videos) frame- and video-level metrics
   metrics.md     the same as markdown tables (also printed)
@@ -42,10 +43,7 @@ no usable weights.
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -54,22 +52,18 @@ import torch
 
 from common.cli import CommandLine, entry_point
 from common.errors import UsageError, UserError
-from common.files import atomic_write
-from common.inputs import to_unit_float
-from common.metrics import choose_threshold, evaluate_scores, markdown_table, roc_auc
+from common.metrics import choose_threshold, evaluate_scores, rank_against, roc_auc
 from configs import Config, config_from
-from data_prep.dataset import (Sample, list_images, load_splits, read_labelled_split,
-                               read_methods_file)
+from data_prep.dataset import Sample, list_images, load_splits, read_labelled_split, read_methods_file
+from data_prep.labels import label_path
+from ensemble.reports import markdown_report, write_metrics, write_scores_csv
 
 log = logging.getLogger("ensemble.evaluate")
 
 SPLIT_CHOICES = ("valset", "testset")
 VIDEO_RULES = ("mean", "confidence")
-TSNE_MAX_IMAGES = 1000
 ENSEMBLE = "ensemble"
 BASELINES = ("mean", "rank_mean")
-PLOT_FILES = {"roc": "roc.png", "score_hist": "score_hist.png", "reliability": "reliability.png",
-              "tsne": "tsne.png", "gradcam": "gradcam.png"}
 
 
 class EvaluationError(UserError):
@@ -90,8 +84,8 @@ def labelled_samples(cfg: Config, split: str) -> tuple[list[Sample], list[Sample
         return val, val, None
     if not (root / "testset").is_dir():
         raise EvaluationError(f"{root / 'testset'}: no testset folder to evaluate (try --split valset)")
-    if not (root / "testset_label.txt").is_file():
-        raise EvaluationError(f"{root / 'testset_label.txt'}: the testset has no labels, so it cannot be "
+    if not label_path(root, "testset").is_file():
+        raise EvaluationError(f"{label_path(root, 'testset')}: the testset has no labels, so it cannot be "
                               f"evaluated (try --split valset)")
     test, methods = labelled_folder(root / "testset")
     return test, val, methods
@@ -107,7 +101,7 @@ def labelled_folder(path) -> tuple[list[Sample], dict[str, str] | None]:
     if (path / "testset").is_dir():
         path = path / "testset"
     root, split = path.parent, path.name
-    if (root / f"{split}_label.txt").is_file():
+    if label_path(root, split).is_file():
         samples = read_labelled_split(root, split)  # the same checks as for trainset and valset
         methods = read_methods_file(root, split) if (root / f"{split}_methods.csv").is_file() else None
     elif (path / "real").is_dir() and (path / "fake").is_dir():
@@ -115,7 +109,7 @@ def labelled_folder(path) -> tuple[list[Sample], dict[str, str] | None]:
                   [Sample(p, 1) for p in list_images(path / "fake")]
         methods = None
     else:
-        raise EvaluationError(f"{path}: no labels: expected {root / (split + '_label.txt')} "
+        raise EvaluationError(f"{path}: no labels: expected {label_path(root, split)} "
                               f"or the subfolders real/ and fake/")
     if not samples:
         raise EvaluationError(f"{path}: no images to evaluate")
@@ -138,14 +132,6 @@ def per_method_auc(names: list[str], y: np.ndarray, scores: dict[str, np.ndarray
 
 
 # ----------------------------------------------------------------------------- scores
-
-def rank_against(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Mid-rank of each value among the sorted reference scores, in [0, 1]."""
-    reference = np.sort(reference)
-    below = np.searchsorted(reference, values, side="left")
-    below_or_equal = np.searchsorted(reference, values, side="right")
-    return (below + below_or_equal) / (2.0 * len(reference))
-
 
 def model_scores(detector, features: np.ndarray, reference: np.ndarray) -> dict[str, np.ndarray]:
     """name -> P(fake) for every expert, the ensemble and the baselines, from the feature
@@ -196,8 +182,7 @@ def metrics_table(y: np.ndarray, scores: dict[str, np.ndarray], thresholds: dict
 
 def evaluate_videos(detector, video_dir, thresholds: dict[str, float], reference: np.ndarray,
                     n_frames: int) -> dict:
-    from data_prep.video import (VideoDecodeError, aggregate_frame_scores, read_video_labels,
-                                 sample_frames)
+    from data_prep.video import VideoDecodeError, aggregate_frame_scores, read_video_labels, sample_frames
 
     video_dir = Path(video_dir)
     rows = read_video_labels(video_dir)  # VideoLabelError: missing or malformed labels.csv
@@ -212,11 +197,7 @@ def evaluate_videos(detector, video_dir, thresholds: dict[str, float], reference
             log.warning("skipped %s", err)
             unreadable.append({"file": name, "error": str(err)})
             continue
-        batch: dict[int, list] = {}
-        for _index, rgb in frames:
-            for size, tensor in detector.prepare(rgb).items():
-                batch.setdefault(size, []).append(tensor)
-        features = detector.expert_features({s: torch.stack(t) for s, t in batch.items()})
+        features = detector.expert_features(detector.batch_of_images([rgb for _index, rgb in frames]))
         scores = model_scores(detector, features, reference)
         for model, p in scores.items():
             frame_scores.setdefault(model, []).append(np.clip(p, 0.0, 1.0))
@@ -247,169 +228,6 @@ def evaluate_videos(detector, video_dir, thresholds: dict[str, float], reference
             "frame_level": frame_level, "video_level": video_level, "videos": per_video}
 
 
-# ----------------------------------------------------------------------------- plots
-
-def _first_expert(detector, has):
-    for name, model in detector.experts.items():
-        if has(model):
-            return name, model
-    return None, None
-
-
-def _implements_embed(model) -> bool:
-    from experts.base import Expert
-    return type(model).embed is not Expert.embed
-
-
-def _load_crops(detector, paths: list[Path], size: int):
-    """[(display crop HxWx3 uint8, uint8 tensor (3, size, size))] for readable paths."""
-    from data_prep.faces import crop_face
-    from data_prep.images import decode_image
-    from data_prep.transforms import resize_square, to_tensor
-
-    out = []
-    for path in paths:
-        crop = crop_face(decode_image(path), detector.face)[0]
-        out.append((crop, to_tensor(resize_square(crop, size))))
-    return out
-
-
-@torch.no_grad()
-def plot_tsne(detector, paths: list[Path], y: np.ndarray, path: Path, seed: int, batch_size: int):
-    from common.plots import plot_embedding_tsne
-
-    name, model = _first_expert(detector, _implements_embed)
-    if model is None:
-        raise EvaluationError("no expert implements embed()")
-    chosen = np.arange(len(paths))
-    if len(chosen) > TSNE_MAX_IMAGES:
-        chosen = np.sort(np.random.default_rng(seed).choice(len(paths), TSNE_MAX_IMAGES, replace=False))
-    embeddings = []
-    for start in range(0, len(chosen), batch_size):
-        crops = _load_crops(detector, [paths[i] for i in chosen[start:start + batch_size]], model.image_size)
-        x = to_unit_float(torch.stack([t for _, t in crops]), detector.device)
-        embeddings.append(model.embed(x).float().flatten(1).cpu().numpy())
-    labels = np.where(y[chosen] == 1, "1 fake", "0 real")  # sorted: real first, as in the other plots
-    result = plot_embedding_tsne(np.concatenate(embeddings), labels, path,
-                                 title=f"t-SNE of {name} embeddings ({len(chosen)} images)")
-    if result is None:
-        raise EvaluationError(f"too few images for t-SNE ({len(chosen)})")
-    return result
-
-
-def plot_gradcam(detector, paths: list[Path], y: np.ndarray, p: np.ndarray, path: Path, n: int, seed: int):
-    from ensemble.gradcam import grad_cam
-    from common.plots import plot_heatmaps
-
-    name, model = _first_expert(detector, lambda m: m.gradcam_layer() is not None)
-    if model is None:
-        raise EvaluationError("no expert has a gradcam_layer()")
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for target in (0, 1):
-        pool = np.flatnonzero(y == target)
-        chosen += sorted(rng.choice(pool, min(n, len(pool)), replace=False).tolist())
-    if not chosen:
-        raise EvaluationError("no images for Grad-CAM")
-    crops = _load_crops(detector, [paths[i] for i in chosen], model.image_size)
-    x = to_unit_float(torch.stack([t for _, t in crops]), detector.device)
-    prefix = getattr(model, "num_prefix_tokens", None)
-    if prefix is None:
-        prefix = getattr(getattr(model, "backbone", None), "num_prefix_tokens", 0)
-    heatmaps = grad_cam(model, model.gradcam_layer(), x, class_index=1, num_prefix_tokens=int(prefix))
-    titles = [f"{name}: {'fake' if y[i] else 'real'}, ensemble p={p[i]:.2f}" for i in chosen]
-    figure_path = plot_heatmaps([c for c, _ in crops], list(heatmaps), titles, path)
-    log.info("Grad-CAM of expert %s (%s)", name, type(model.gradcam_layer()).__name__)
-    return figure_path
-
-
-def make_plots(detector, reports: Path, paths, y, scores, n_gradcam: int, cfg: Config) -> tuple[dict, dict]:
-    from common import plots
-
-    curves = {name: scores[name] for name in [*detector.experts, ENSEMBLE]}
-    jobs = {
-        "roc": lambda f: plots.plot_roc({k: (y, v) for k, v in curves.items()}, f),
-        "score_hist": lambda f: plots.plot_score_histograms(y, curves, f),
-        "reliability": lambda f: plots.plot_reliability(y, {k: np.clip(v, 0, 1) for k, v in curves.items()}, f),
-        "tsne": lambda f: plot_tsne(detector, paths, y, f, cfg.seed, cfg.train.batch_size),
-    }
-    if n_gradcam > 0:
-        jobs["gradcam"] = lambda f: plot_gradcam(detector, paths, y, scores[ENSEMBLE], f, n_gradcam, cfg.seed)
-    made, failed = {}, {}
-    for key, job in jobs.items():
-        target = reports / PLOT_FILES[key]
-        try:
-            job(target)
-            made[key] = target.name
-        except Exception as err:  # a plot is never worth the metrics
-            message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            log.warning("plot %s failed: %s", target.name, message)
-            failed[key] = message
-    return made, failed
-
-
-# ----------------------------------------------------------------------------- writing
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(float(value)) else float(value)
-    return value
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    with atomic_write(path) as f:
-        f.write(text)
-
-
-def write_scores_csv(path: Path, names, y, scores: dict[str, np.ndarray]) -> None:
-    with atomic_write(path, newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["img_name", "target", *scores])
-        for i, name in enumerate(names):
-            writer.writerow([name, int(y[i]), *(f"{float(p[i]):.6f}" for p in scores.values())])
-
-
-def markdown_report(result: dict) -> str:
-    lines = [f"# Evaluation: {result['split']} ({result['n_scored']} of {result['n_images']} images scored)",
-             "",
-             f"Ensemble: {result['stacker']['method']}; experts: {', '.join(result['experts'])}. "
-             f"Accuracy at each model's threshold chosen on {result['threshold_split']}.",
-             ""]
-    if result["note"]:
-        lines += [f"Note: {result['note']}", ""]
-    if result["unreadable"]:
-        lines += [f"Unreadable (excluded): {len(result['unreadable'])} file(s), listed in metrics.json.", ""]
-    lines.append(markdown_table(result["models"]))
-    if result.get("per_method_auc"):
-        methods = sorted({m for row in result["per_method_auc"].values() for m in row})
-        lines += ["", "AUC per manipulation method (its fakes against all the reals):", "",
-                  "| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-        lines += [f"| {model} | " + " | ".join(f"{row.get(m, float('nan')):.4f}" for m in methods) + " |"
-                  for model, row in result["per_method_auc"].items()]
-    corr = result.get("expert_correlation")
-    if corr:
-        names = list(corr)
-        lines += ["", "Pearson correlation of the experts' scores:", "",
-                  "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        lines += [f"| {a} | " + " | ".join(f"{corr[a][b]:.2f}" for b in names) + " |" for a in names]
-    video = result.get("video")
-    if video:
-        lines += ["", f"## Videos: frame level ({video['n_frames']} frames of {video['n_videos']} videos)", "",
-                  markdown_table(video["frame_level"])]
-        for rule, table in video["video_level"].items():
-            lines += ["", f"## Videos: video level, rule `{rule}` ({video['n_videos']} videos)", "",
-                      markdown_table(table)]
-        if video["unreadable"]:
-            lines += ["", f"Unreadable videos (excluded): {len(video['unreadable'])}."]
-    return "\n".join(lines) + "\n"
-
-
 # ----------------------------------------------------------------------------- entry points
 
 def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, videos=None,
@@ -418,7 +236,7 @@ def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, vi
     the labelled folder `test` (see `labelled_folder`); write metrics.json, metrics.md,
     scores.csv and the plots to `reports` (default cfg.reports); return what metrics.json
     holds. Thresholds come from cfg.data_root's valset; with `test` and no data root, 0.5."""
-    from ensemble.predictor import Detector
+    from ensemble.predictor import EnsembleDetector
 
     if not cfg.data_root and test is None:
         raise EvaluationError("no data root: python -m ensemble.evaluate DATA_ROOT [options] "
@@ -436,7 +254,7 @@ def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, vi
     else:
         samples, val_samples, methods = labelled_samples(cfg, split)
 
-    detector = Detector.from_weights(weights, device=cfg.device)
+    detector = EnsembleDetector.from_weights(weights, device=cfg.device)
     keep, y, features, unreadable = score_split(detector, samples, cfg, split)
     if split == "valset":
         y_val, val_features, val_unreadable = y, features, unreadable
@@ -460,7 +278,8 @@ def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, vi
         "split": split, "data_root": str(cfg.data_root), "weights": str(weights),
         "n_images": len(samples), "n_scored": int(len(keep)), "n_fake": int(y.sum()),
         "unreadable": unreadable, "threshold_split": "valset" if y_val is not None else "none (0.5)",
-        "n_valset_scored": int(len(y_val)) if y_val is not None else 0, "unreadable_valset": val_unreadable if split != "valset" else [],
+        "n_valset_scored": int(len(y_val)) if y_val is not None else 0,
+        "unreadable_valset": val_unreadable if split != "valset" else [],
         "experts": list(detector.experts), "baselines": list(BASELINES), "ensemble_name": ENSEMBLE,
         "tta": list(detector.tta),
         "stacker": {"method": method, "cv_auc": dict(getattr(stacker, "cv_auc_", {}) or {})},
@@ -478,12 +297,15 @@ def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, vi
         result["video"] = evaluate_videos(detector, videos, thresholds, val_features, frames)
 
     write_scores_csv(reports / "scores.csv", names, y, scores)
-    _write_atomically(reports / "metrics.json", json.dumps(_json_safe(result), indent=2))
-    _write_atomically(reports / "metrics.md", markdown_report(result))
+    write_metrics(reports, result)
     if plots:  # after the metrics are safely on disk
-        made, failed = make_plots(detector, reports, [samples[i].path for i in keep], y, scores, gradcam, cfg)
-        result["plots"], result["plot_errors"] = made, failed
-        _write_atomically(reports / "metrics.json", json.dumps(_json_safe(result), indent=2))
+        from ensemble.visuals import make_plots
+
+        curves = {name: scores[name] for name in [*detector.experts, ENSEMBLE]}
+        result["plots"], result["plot_errors"] = make_plots(
+            detector, reports, [samples[i].path for i in keep], y, curves, scores[ENSEMBLE], gradcam,
+            cfg.seed, cfg.train.batch_size)
+        write_metrics(reports, result)
     return result
 
 

@@ -20,25 +20,23 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common.cli import CommandLine, entry_point
 from common.errors import UsageError
 from common.runtime import sample_seed
 from configs import Config, config_from
-from data_prep.dataset import Sample, load_splits
+from data_prep.dataset import Sample, load_splits, read_extra_reals
 from data_prep.faces import FaceCropCache
 from data_prep.images import ImageDecodeError
 from data_prep.manipulations import fake_from_face_crop
-from data_prep.transforms import resize_square, to_tensor
-from ensemble.predictor import ENSEMBLE_FILE, Detector, score_samples
+from ensemble.predictor import ENSEMBLE_FILE, EnsembleDetector, score_samples
 from ensemble.stacking import LeakageError, StackingEnsemble, assemble_oof_matrix
 from experts.weights import sha256_file, stage_file, update_manifest
 
 log = logging.getLogger("ensemble.fit")
 
 
-def editing_fake_features(detector: Detector, reals: list[Sample], cfg: Config) -> np.ndarray:
+def editing_fake_features(detector: EnsembleDetector, reals: list[Sample], cfg: Config) -> np.ndarray:
     """Expert features of one seeded editing fake per real (as training makes them, from the
     same cached face crops): fakes of no method of the data set, so that the meta-learner
     does not learn to trust only the expert that knows the data set's own methods."""
@@ -57,8 +55,7 @@ def editing_fake_features(detector: Detector, reals: list[Sample], cfg: Config) 
             fakes.append(fake_from_face_crop(crop, rng, donor, detector.face.margin,
                                              cfg.data.online_fake_ops or None, points)[0])
         if fakes:
-            rows.append(detector.expert_features(
-                {s: torch.stack([to_tensor(resize_square(f, s)) for f in fakes]) for s in detector.input_sizes}))
+            rows.append(detector.expert_features(detector.batch_of_crops(fakes)))
     return np.concatenate(rows) if rows else np.zeros((0, len(detector.feature_names())))
 
 
@@ -72,9 +69,10 @@ def content_id(path) -> str | None:
 
 def check_no_trainset_copies(val: list[Sample], trained: dict[str, str], where) -> list[str | None]:
     """The content ids of the validation samples; LeakageError naming them when some are
-    byte-identical copies of training images (`trained`: content id -> trainset name)."""
+    byte-identical copies of training images (`trained`: content id -> where it was trained
+    on, e.g. `trainset/x.png`)."""
     ids = [content_id(s.path) for s in val]
-    copies = [f"{s.name} = trainset/{trained[h]}" for s, h in zip(val, ids) if h in trained]
+    copies = [f"{s.name} = {trained[h]}" for s, h in zip(val, ids) if h in trained]
     if copies:
         raise LeakageError(f"{where}: {len(copies)} valset image(s) are copies of trainset images the "
                            f"experts trained on, e.g. {copies[:3]}; the stacker must not be fitted on "
@@ -87,10 +85,14 @@ def fit_ensemble(cfg: Config) -> dict:
     # The guard: no expert may be stacked on a score of an image it was trained on. Compared
     # by content, not by name: a trainset image copied into valset under a new name is caught,
     # and two different images that share a name are not confused. Checked before scoring.
-    trained = {h: s.name for s in splits["trainset"] if (h := content_id(s.path))}
+    # The reals-only experts also trained on data.extra_reals: a validation image copied
+    # from there is leakage too.
+    extra = [s for folder in cfg.data.extra_reals for s in read_extra_reals(folder)]
+    trained = {h: f"trainset/{s.name}" for s in splits["trainset"] if (h := content_id(s.path))}
+    trained.update({h: str(s.path) for s in extra if (h := content_id(s.path))})
     val = splits["valset"]
     val_ids = check_no_trainset_copies(val, trained, cfg.data_root)
-    detector = Detector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta, use_stacker=False)
+    detector = EnsembleDetector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta, use_stacker=False)
     _, features, errors = score_samples(detector, [s.path for s in val], cfg.train.batch_size,
                                         cfg.data.num_workers, progress=sys.stderr.isatty())
     keep = [i for i in range(len(val)) if i not in errors]

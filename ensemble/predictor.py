@@ -1,7 +1,8 @@
-"""The trained detector: experts + their combiner, loaded once from `weights/`.
+"""The trained ensemble detector: the experts + their combiner, loaded once from `weights/`.
 
-    detector = Detector.from_weights("weights")
-    p_fake, per_expert = detector.score_crops({size: uint8 tensor (B, 3, size, size)})
+    detector = EnsembleDetector.from_weights("weights")
+    batch = detector.batch_of_images([rgb, ...])          # face crop -> {input size: uint8 (B, 3, S, S)}
+    p_fake, per_expert = detector.score_crops(batch)
 
 Used by `infer.py`, `ensemble.fit`, `ensemble.evaluate` and the benchmarks, so every
 caller crops, resizes and combines exactly as training did.
@@ -21,14 +22,21 @@ from common.runtime import select_device
 from configs import ConfigError, FaceConfig
 from data_prep.faces import crop_face
 from data_prep.images import ImageDecodeError, decode_image
-from data_prep.transforms import resize_square, to_tensor
+from data_prep.transforms import crop_to_tensor
 from experts.weights import WeightsError, face_config_of, load_expert, read_manifest, verified_file
 
 ENSEMBLE_FILE = "ensemble.json"
 
 
+def crop_to_inputs(crop: np.ndarray, sizes) -> dict[int, torch.Tensor]:
+    """A face crop (H x W x 3 uint8) -> {input size: uint8 tensor (3, S, S)}, resized as in training."""
+    return {s: crop_to_tensor(crop, s) for s in sizes}
+
+
 @dataclass
-class Detector:
+class EnsembleDetector:
+    """The whole trained ensemble: every expert, the face-crop settings they were trained
+    with, and the stacker that combines their scores (None: their plain mean)."""
     experts: dict                      # name -> Expert (eval mode, on device)
     face: FaceConfig
     device: torch.device
@@ -37,7 +45,7 @@ class Detector:
 
     @classmethod
     def from_weights(cls, weights_dir, experts: list[str] | None = None, device="auto",
-                     tta: list[str] | None = None, use_stacker: bool = True) -> "Detector":
+                     tta: list[str] | None = None, use_stacker: bool = True) -> "EnsembleDetector":
         """`use_stacker=False`: the experts alone (plain mean), without reading the stacker,
         as `ensemble.fit` needs when it is about to replace it."""
         weights_dir = Path(weights_dir)
@@ -98,10 +106,18 @@ class Detector:
         features = self.expert_features(batch)
         return self.combine(features), features
 
-    def prepare(self, rgb: np.ndarray) -> dict[int, torch.Tensor]:
-        """One decoded image -> {input size: uint8 tensor (3, S, S)}, as in training."""
-        crop = crop_face(rgb, self.face)[0]
-        return {s: to_tensor(resize_square(crop, s)) for s in self.input_sizes}
+    def face_crop(self, rgb: np.ndarray) -> np.ndarray:
+        """One decoded image -> its face crop, as training cropped it."""
+        return crop_face(rgb, self.face)[0]
+
+    def batch_of_crops(self, crops: list[np.ndarray]) -> dict[int, torch.Tensor]:
+        """Face crops -> {input size: uint8 tensor (B, 3, S, S)}, ready for `score_crops`."""
+        inputs = [crop_to_inputs(crop, self.input_sizes) for crop in crops]
+        return {s: torch.stack([one[s] for one in inputs]) for s in self.input_sizes}
+
+    def batch_of_images(self, images: list[np.ndarray]) -> dict[int, torch.Tensor]:
+        """Decoded images (video frames, say) -> face-cropped input batches."""
+        return self.batch_of_crops([self.face_crop(rgb) for rgb in images])
 
 
 TTA_VIEWS = ("hflip", "scale")
@@ -130,7 +146,7 @@ class ImageFiles(Dataset):
     """Decode + face-crop in DataLoader workers, so it overlaps with the forward passes.
     Items: (index, {size: tensor} or {}, error message or "")."""
 
-    def __init__(self, paths: list[Path], detector: Detector):
+    def __init__(self, paths: list[Path], detector: EnsembleDetector):
         self.paths, self.face, self.sizes = paths, detector.face, detector.input_sizes
 
     def __len__(self):
@@ -141,7 +157,7 @@ class ImageFiles(Dataset):
             crop = crop_face(decode_image(self.paths[i]), self.face)[0]
         except ImageDecodeError as err:
             return i, {}, str(err)
-        return i, {s: to_tensor(resize_square(crop, s)) for s in self.sizes}, ""
+        return i, crop_to_inputs(crop, self.sizes), ""
 
 
 def collate_images(items):
@@ -152,7 +168,7 @@ def collate_images(items):
     return [i for i, _ in ok], batch, failed
 
 
-def score_files(detector: Detector, paths: list[Path], batch_size=32, workers=0, progress=False):
+def score_files(detector: EnsembleDetector, paths: list[Path], batch_size=32, workers=0, progress=False):
     """Yield (indices, p_fake, features, failed [(index, message)]) batch by batch, with
     decoding and face cropping in `workers` processes overlapping the forward passes."""
     from torch.utils.data import DataLoader
@@ -168,7 +184,7 @@ def score_files(detector: Detector, paths: list[Path], batch_size=32, workers=0,
             bar.update(len(indices) + len(failed))
 
 
-def score_samples(detector: Detector, paths: list[Path], batch_size=32, workers=0, progress=False):
+def score_samples(detector: EnsembleDetector, paths: list[Path], batch_size=32, workers=0, progress=False):
     """All at once: (p_fake (n,), features (n, f)) with NaN rows for unreadable files, and
     {index: message} of those."""
     n_features = len(detector.feature_names())

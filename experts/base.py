@@ -1,4 +1,4 @@
-"""The interface every expert implements, and the registry that builds them by name.
+"""The interface every expert implements, and the registry that builds them by kind.
 
 An expert is an `nn.Module` that takes a float batch in [0, 1] (B, 3, H, W) and gives
   forward(x)         -> logits (B, 2), class 1 = fake
@@ -6,43 +6,83 @@ An expert is an `nn.Module` that takes a float batch in [0, 1] (B, 3, H, W) and 
   embed(x)           -> feature vectors (B, D) for clustering and t-SNE
   training_loss(x, y, loss_cfg) -> (loss, {name: float}), used by the one trainer.
 Normalisation (mean/std) is a buffer of the expert, so it is saved with the weights.
+The hooks the trainer calls on every expert, each with a default here: `training_samples`
+(what it learns from), `trainable_parameters` (what the optimizer updates), `finalize` (after
+training, with the best weights) and `gradcam_layer` (what Grad-CAM explains).
 
-    @register_expert("convnext")
-    class ConvNeXtExpert(BackboneClassifier): ...
+    @register_expert("mesonet")
+    class MesoNet4Expert(FeatureClassifier):
+        config_fields = frozenset({"input_filter", "embed_dim"})   # the ExpertConfig fields it reads
     model = create_expert(expert_cfg, image_size=128)
+
+Each kind declares the `ExpertConfig` fields it reads (`config_fields`); a field it does not
+read, set away from its default, is a config error naming the key: `trainable` on a timm
+classifier would otherwise be silently ignored.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import UnknownNameError, UserError
+from common.errors import ConfigError, UnknownNameError, UserError
 from common.inputs import IMAGENET_MEAN, IMAGENET_STD
-from configs import ConfigError, ExpertConfig, LossConfig
+from configs import ExpertConfig, LossConfig
 from experts.losses import classification_losses
 
-EXPERTS: dict[str, type["Expert"]] = {}
+EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
+EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
+# Read by the trainer for every kind, so never an error.
+TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "lr"})
 
 
-def register_expert(kind: str):
+def register_expert(kind: str, aliases: tuple[str, ...] = ()):
+    """Class decorator: `kind` (and each of `aliases`, names that manifests and configs
+    written before may still use) builds this class."""
     def decorator(cls):
-        if kind in EXPERTS:
-            raise ValueError(f"expert kind {kind!r} registered twice")
+        for name in (kind, *aliases):
+            if name in EXPERTS or name in EXPERT_ALIASES:
+                raise ValueError(f"expert kind {name!r} registered twice")
         cls.kind = kind
         EXPERTS[kind] = cls
+        EXPERT_ALIASES.update(dict.fromkeys(aliases, kind))
         return cls
     return decorator
 
 
+def expert_class(kind: str) -> type["Expert"]:
+    """The class that builds expert `kind` (a registered kind or an alias of one)."""
+    kind = EXPERT_ALIASES.get(kind, kind)
+    if kind not in EXPERTS:
+        raise UnknownNameError(f"unknown expert kind {kind!r}; registered: {sorted(EXPERTS)}, "
+                               f"aliases: {sorted(EXPERT_ALIASES)}")
+    return EXPERTS[kind]
+
+
+def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Expert"]:
+    """The class of `cfg.kind`, after checking that every field set away from its default is
+    one that kind reads; ConfigError naming the key (`expert.<name>.<field>`) otherwise."""
+    cls = expert_class(cfg.kind)
+    defaults = ExpertConfig()
+    for field in dataclasses.fields(ExpertConfig):
+        if field.name in TRAINER_FIELDS or field.name in cls.config_fields:
+            continue
+        if getattr(cfg, field.name) != getattr(defaults, field.name):
+            key = f"expert.{name}.{field.name}" if name else field.name
+            kind = repr(cfg.kind) + ("" if cfg.kind == cls.kind else f" (= {cls.kind!r})")
+            raise ConfigError(f"{key}: the {kind} expert kind does not use this setting (it reads "
+                              f"{', '.join(sorted(cls.config_fields | TRAINER_FIELDS))}); remove it")
+    return cls
+
+
 def create_expert(cfg: ExpertConfig, image_size: int) -> "Expert":
-    if cfg.kind not in EXPERTS:
-        raise UnknownNameError(f"unknown expert kind {cfg.kind!r}; registered: {sorted(EXPERTS)}")
-    return EXPERTS[cfg.kind](cfg, image_size)
+    return check_expert_config(cfg)(cfg, image_size)
 
 
 class PretrainedWeightsError(UserError, RuntimeError):
@@ -72,7 +112,10 @@ def create_backbone(cfg: ExpertConfig, **kwargs) -> nn.Module:
 
 class Expert(nn.Module):
     kind = "expert"
-    trains_on_real_only = False  # the DAE learns what real faces look like, nothing else
+    config_fields: ClassVar[frozenset[str]] = frozenset()  # ExpertConfig fields read, besides TRAINER_FIELDS
+    # An expert that learns what real faces look like (the DAE): it trains on reals only, and
+    # the trainer makes no editing fakes and draws no class balance for it.
+    trains_on_real_only: ClassVar[bool] = False
 
     def __init__(self, cfg: ExpertConfig, image_size: int,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -96,6 +139,26 @@ class Expert(nn.Module):
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         return self(x).float().softmax(dim=1)[:, 1]
+
+    # ---------------------------------------------------------------- the trainer's hooks
+
+    def training_samples(self, splits: dict[str, list]) -> list:
+        """The samples this expert learns from: the trainset; for a reals-only expert the
+        trainset's reals plus `splits["extra_reals"]` (data.extra_reals), never a fake."""
+        if self.trains_on_real_only:
+            return [s for s in splits["trainset"] if s.target == 0] + splits.get("extra_reals", [])
+        return splits["trainset"]
+
+    def trainable_parameters(self, loss_cfg: LossConfig) -> list[nn.Parameter]:
+        """The parameters the optimizer updates under these losses; the others are frozen
+        (requires_grad False) before the trainer wraps the expert for DDP."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def finalize(self, real_batches, val_batches) -> None:
+        """Called once after training, in eval mode with the best weights loaded, with
+        iterables of (x, y) batches of the training samples (no augmentation) and of the
+        validation split: fit what is not learned by gradient (the DAE's score scales and
+        calibration). By default nothing."""
 
     def gradcam_layer(self) -> nn.Module | None:
         """The layer Grad-CAM explains (last spatial feature map), if any."""
@@ -163,38 +226,19 @@ class FeatureClassifier(Expert):
         projected = F.normalize(self.projector(feats), dim=1) if loss_cfg.nce > 0 else None
         return classification_losses(logits, y, loss_cfg, noisy_logits, projected)
 
+    def trainable_parameters(self, loss_cfg: LossConfig) -> list[nn.Parameter]:
+        if loss_cfg.nce == 0:
+            # Only the NCE loss uses the projection head: without it, freeze it, so it neither
+            # counts as trainable nor leaves DDP waiting for gradients that never come.
+            self.projector.requires_grad_(False)
+        return super().trainable_parameters(loss_cfg)
+
 
 def check_input_filter(cfg: ExpertConfig) -> int:
     """Input channels for `input_filter` (srm: RGB + 3 noise-residual maps)."""
     if cfg.input_filter not in ("none", "srm"):
         raise ConfigError(f"input_filter must be 'none' or 'srm', got {cfg.input_filter!r}")
     return 6 if cfg.input_filter == "srm" else 3
-
-
-class BackboneClassifier(FeatureClassifier):
-    """timm backbone -> pooled features -> linear/MLP head (2 logits), plus a projection
-    head whose L2-normalised output feeds the supervised contrastive loss.
-    `input_filter: srm` appends 3 noise-residual channels to the normalised RGB input."""
-
-    def __init__(self, cfg: ExpertConfig, image_size: int, **backbone_kwargs):
-        in_chans = check_input_filter(cfg)
-        backbone = create_backbone(cfg, drop_rate=cfg.drop_rate, in_chans=in_chans, **backbone_kwargs)
-        data_cfg = backbone.pretrained_cfg or {}
-        super().__init__(cfg, image_size, data_cfg.get("mean", IMAGENET_MEAN), data_cfg.get("std", IMAGENET_STD))
-        self.residuals = NoiseResiduals() if cfg.input_filter == "srm" else None
-        self.backbone = backbone
-        width = backbone.num_features
-        self.head = make_mlp(width, 2, cfg.head_layers)
-        self.projector = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.embed_dim))
-
-    def features(self, x):
-        return self.backbone(self.network_input(x))
-
-    def gradcam_layer(self):
-        stages = getattr(self.backbone, "stages", None) or getattr(self.backbone, "blocks", None)
-        if stages is not None and len(stages) and hasattr(self.backbone, "stages"):
-            return stages[-1]
-        return getattr(self.backbone, "conv_head", None) or getattr(self.backbone, "layer4", None)
 
 
 def make_mlp(width: int, out: int, layers: int) -> nn.Module:

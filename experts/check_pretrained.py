@@ -28,14 +28,10 @@ from huggingface_hub import file_exists, try_to_load_from_cache
 from timm.models import get_pretrained_cfg
 
 from common.cli import EXIT_KNOWN_ERROR, CommandLine, entry_point
+from common.errors import UnknownNameError
 from configs import ExpertConfig, config_from
-from experts import EXPERTS
-from experts.base import BackboneClassifier
-from experts.dae import DenoisingAutoencoderExpert
-
-# The expert kinds built on a timm backbone (experts.base.create_backbone); the others
-# (forensic statistics, MesoNet) are small networks trained from scratch.
-TIMM_BACKBONE_KINDS = (BackboneClassifier, DenoisingAutoencoderExpert)
+from experts import expert_class
+from experts.base import check_expert_config
 
 # timm fetches the safetensors twin of a pickled hub file when the repository has one
 # (timm.models._hub.load_state_dict_from_hf); the pickle is the fallback.
@@ -52,15 +48,18 @@ class WeightsSource:
 
 
 def uses_timm_backbone(ecfg: ExpertConfig) -> bool:
-    cls = EXPERTS.get(ecfg.kind)
-    return cls is not None and issubclass(cls, TIMM_BACKBONE_KINDS)
+    """Whether the kind builds a timm backbone (experts.base.create_backbone): it reads
+    `pretrained`; the others (forensic statistics, MesoNet) are trained from scratch."""
+    return "pretrained" in expert_class(ecfg.kind).config_fields
 
 
 def locate_weights(name: str, ecfg: ExpertConfig) -> WeightsSource:
     """Where expert `name` gets its weights, resolved as experts.base.create_backbone and
     timm would (pretrained_file first, then the hub), without downloading anything."""
-    if ecfg.kind not in EXPERTS:
-        return WeightsSource(name, ecfg.model, "-", f"unknown expert kind {ecfg.kind!r}; known: {sorted(EXPERTS)}")
+    try:
+        expert_class(ecfg.kind)
+    except UnknownNameError as err:
+        return WeightsSource(name, ecfg.model, "-", str(err))
     if not uses_timm_backbone(ecfg):
         return WeightsSource(name, "-", "none (no timm backbone: trained from scratch)")
     if not timm.is_model(ecfg.model):
@@ -139,6 +138,8 @@ def url_source(name: str, model: str, url: str) -> WeightsSource:
 def main(argv=None) -> int:
     args = CommandLine("python -m experts.check_pretrained", __doc__).parse_args(argv)
     cfg = config_from(args)
+    for name in cfg.experts:  # a setting an expert's kind ignores: an error now, not after this check
+        check_expert_config(cfg.expert_config(name), name)
     sources = [locate_weights(name, cfg.expert_config(name)) for name in cfg.experts]
     print(f"pretrained weights, profile {cfg.profile}:")
     for s in sources:

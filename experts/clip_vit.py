@@ -13,13 +13,16 @@ import logging
 import torch.nn as nn
 
 from configs import ConfigError, ExpertConfig
-from experts.base import BackboneClassifier, register_expert
+from experts.base import register_expert
+from experts.timm_classifier import TIMM_FIELDS, TimmClassifier
 
 log = logging.getLogger(__name__)
 
 
 @register_expert("clip")
-class ClipViTExpert(BackboneClassifier):
+class ClipViTExpert(TimmClassifier):
+    config_fields = TIMM_FIELDS | {"trainable"}
+
     def __init__(self, cfg: ExpertConfig, image_size: int):
         super().__init__(cfg, image_size, img_size=image_size)  # mean/std: CLIP's own, from timm's pretrained_cfg
         if cfg.trainable == "layernorm_head":

@@ -8,9 +8,10 @@
 The face crops are the ones training uses: the same profile and `face.*` / `data.*` overrides
 (train.sh passes its own), or, with `--expert`, that trained expert's own face settings and
 input size. `seed=` and `device=` are the config's. The embeddings come from a trained expert
-(`--expert`, its `embed`) or from a timm backbone; the folds, the k-means clustering and the
-pseudo labels are `data_prep.cluster_split`'s, which needs no model. This command lives in
-experts/ because it builds and loads models: data_prep stays below the experts.
+(`--expert`, its `embed`) or from a timm backbone; the folds (`data_prep.folds`), the k-means
+clustering (`data_prep.clustering`) and the pseudo labels (`data_prep.pseudo_labels`) need no
+model. This command lives in experts/ because it builds and loads models: data_prep stays
+below the experts.
 
 Outputs (OUT = --out):
 
@@ -22,12 +23,11 @@ Outputs (OUT = --out):
 
 `--random` writes stratified random folds instead (the baseline to compare against), and
 `--unsupervised` ignores the labels: it splits the embeddings into two clusters, names one
-fake by a documented rule (`data_prep.cluster_split.pseudo_labels`) and writes
+fake by a documented rule (`data_prep.pseudo_labels`) and writes
 pseudo_labels.csv and pseudo_labels.json.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import sys
@@ -45,12 +45,14 @@ from common.errors import UnknownNameError
 from common.inputs import IMAGENET_MEAN, IMAGENET_STD, to_unit_float
 from common.runtime import select_device
 from configs import ExpertConfig, FaceConfig, config_from
-from data_prep.cluster_split import (UNCLUSTERED, check_unique_names, kmeans, make_folds, pseudo_labels,
-                                     random_folds, write_folds)
+from data_prep.clustering import kmeans
 from data_prep.dataset import DataLayoutError, Sample, load_splits
 from data_prep.faces import FaceCropCache
+from data_prep.folds import UNCLUSTERED, check_unique_names, make_folds, random_folds, write_folds
 from data_prep.images import ImageDecodeError
-from data_prep.transforms import resize_square
+from data_prep.labels import write_label_file
+from data_prep.pseudo_labels import pseudo_labels
+from data_prep.transforms import crop_to_tensor
 from experts.base import create_backbone
 from experts.weights import face_config_of, load_expert
 
@@ -85,7 +87,7 @@ def embed_with_backbone(samples: list[Sample], model_name: str, face_cfg: FaceCo
     features, kept, batch, batch_indices = [], [], [], []
 
     def flush():
-        x = to_unit_float(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2), torch_device)
+        x = to_unit_float(torch.stack(batch), torch_device)
         with torch.no_grad():
             out = embed_fn(x)
         features.append(out.float().reshape(len(batch), -1).cpu().numpy())
@@ -100,7 +102,7 @@ def embed_with_backbone(samples: list[Sample], model_name: str, face_cfg: FaceCo
             except ImageDecodeError as err:
                 log.warning("skipped %s", err)
                 continue
-            batch.append(resize_square(crop, image_size))
+            batch.append(crop_to_tensor(crop, image_size))
             batch_indices.append(index)
             if len(batch) == batch_size:
                 flush()
@@ -204,10 +206,7 @@ def write_pseudo_labels(out_dir: Path, samples: list[Sample], emb: np.ndarray, s
     labels, info = pseudo_labels(emb, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "pseudo_labels.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["img_name", "target"])
-        writer.writerows([s.name, int(label)] for s, label in zip(samples, labels))
+    write_label_file(csv_path, [(s.name, int(label)) for s, label in zip(samples, labels)])
 
     report = {key: value for key, value in info.items() if key != "fake_score"}
     true = np.array([s.target for s in samples])

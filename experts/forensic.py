@@ -20,6 +20,8 @@ Features per image (all fixed, computed on the device):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,19 +46,24 @@ class ForensicStatistics(nn.Module):
         self.register_buffer("extra", extra)
         ycbcr = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
         self.register_buffer("ycbcr", ycbcr)
-        self._bins: dict = {}  # (h, w, device) -> radial bin of every spectrum pixel, built once
+        self._spectrum_operators: dict = {}  # (h, w, device) -> fixed matrices, built once per size
 
-    def radial_bins(self, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bin index of each pixel of an h x w centred spectrum, pixels per bin); the corners
-        beyond the inscribed circle go to an extra bin that is dropped."""
+    def spectrum_operators(self, h: int, w: int, device) -> tuple[torch.Tensor, ...]:
+        """The fixed matrices behind the radial profile of an h x w centred power spectrum:
+        the DFT along the rows and along the columns (`dft_matrix`), a mask that is 0 at the
+        zero frequency only, and the (h * w, bins) matrix that averages the pixels of each
+        radial bin (the corners beyond the inscribed circle belong to none)."""
         key = (h, w, str(device))
-        if key not in self._bins:
-            yy, xx = torch.meshgrid(torch.arange(h, device=device) - h // 2,
-                                    torch.arange(w, device=device) - w // 2, indexing="ij")
+        if key not in self._spectrum_operators:
+            yy, xx = torch.meshgrid(torch.arange(h) - h // 2, torch.arange(w) - w // 2, indexing="ij")
             radius = torch.sqrt(yy.float() ** 2 + xx.float() ** 2) / (min(h, w) / 2)
             bins = (radius * SPECTRUM_BINS).long().clamp_max(SPECTRUM_BINS).flatten()
-            self._bins[key] = (bins, torch.bincount(bins, minlength=SPECTRUM_BINS + 1).clamp_min(1))
-        return self._bins[key]
+            in_bin = F.one_hot(bins, SPECTRUM_BINS + 1)[:, :SPECTRUM_BINS].float()
+            bin_means = in_bin / in_bin.sum(0).clamp_min(1)
+            not_zero_frequency = ((yy != 0) | (xx != 0)).float()
+            self._spectrum_operators[key] = tuple(
+                t.to(device) for t in (dft_matrix(h), dft_matrix(w), not_zero_frequency, bin_means))
+        return self._spectrum_operators[key]
 
     @property
     def n_features(self) -> int:
@@ -76,14 +83,22 @@ class ForensicStatistics(nn.Module):
                           self.spectrum(grey[:, 0] / 255), self.block_phases(grey[:, 0])], dim=1)
 
     def spectrum(self, grey: torch.Tensor) -> torch.Tensor:
+        """Radial profile of the log power spectrum of the central half, by matrix products
+        rather than torch.fft: the same spectrum up to float32 rounding, and a graph that
+        exports to ONNX (torch's exporter writes no FFT). The zero frequency is exactly 0
+        once the mean is subtracted; computed, it is the rounding noise of that mean (a power
+        of 1e-8 to 1e-6 whose log differs from one library to the next), so it is masked."""
         h, w = grey.shape[-2:]
         centre = grey[:, h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2]
         centre = centre - centre.mean(dim=(1, 2), keepdim=True)
-        power = torch.fft.fftshift(torch.fft.fft2(centre).abs().pow(2).add(1e-8).log(), dim=(-2, -1))
-        bins, counts = self.radial_bins(*power.shape[-2:], grey.device)
-        sums = torch.zeros(grey.shape[0], SPECTRUM_BINS + 1, device=grey.device).index_add_(
-            1, bins, power.flatten(1))
-        return (sums / counts)[:, :SPECTRUM_BINS]
+        n, m = centre.shape[-2:]
+        rows_dft, cols_dft, not_zero_frequency, bin_means = self.spectrum_operators(n, m, grey.device)
+        with torch.autocast(grey.device.type, enabled=False):  # bf16 would drown the weak frequencies
+            # (B, 2n, 2m) = [[C x C', C x S'], [S x C', S x S']] for C, S the cosine and sine halves
+            z = rows_dft @ (centre.float() @ cols_dft.T)
+            real, imaginary = z[:, :n, :m] - z[:, n:, m:], z[:, :n, m:] + z[:, n:, :m]
+            power = ((real ** 2 + imaginary ** 2) * not_zero_frequency).add(1e-8).log()
+            return power.flatten(1) @ bin_means
 
     @staticmethod
     def block_phases(grey: torch.Tensor) -> torch.Tensor:
@@ -94,8 +109,21 @@ class ForensicStatistics(nn.Module):
         return phases / phases.mean(dim=1, keepdim=True).clamp_min(1e-6)
 
 
+def dft_matrix(n: int) -> torch.Tensor:
+    """(2n, n): the n-point DFT's cosine matrix (its real part) over its sine matrix (minus its
+    imaginary part), row k for the frequency k - n // 2, so the zero frequency is the middle
+    row, as after fftshift. The phase k * j is reduced modulo n in integers first, so it stays
+    exact."""
+    frequency = torch.arange(n) - n // 2
+    phase = (frequency[:, None] * torch.arange(n)[None, :]) % n
+    angle = phase.double() * (2 * math.pi / n)
+    return torch.cat([angle.cos(), angle.sin()]).float()
+
+
 @register_expert("forensic")
 class ForensicStatsExpert(FeatureClassifier):
+    config_fields = frozenset({"grid", "embed_dim"})
+
     def __init__(self, cfg: ExpertConfig, image_size: int):
         super().__init__(cfg, image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         if cfg.grid < 1:

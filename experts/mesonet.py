@@ -24,6 +24,8 @@ def _block(cin: int, cout: int, kernel: int, pool: int) -> nn.Sequential:
 
 @register_expert("mesonet")
 class MesoNet4Expert(FeatureClassifier):
+    config_fields = frozenset({"input_filter", "embed_dim"})
+
     def __init__(self, cfg: ExpertConfig, image_size: int):
         super().__init__(cfg, image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         in_chans = check_input_filter(cfg)

@@ -2,11 +2,17 @@
 
     python -m experts.train DATA_ROOT [--profile NAME | profile=NAME] [key=value ...]
 
-For each name in `experts`: build the expert from its config, train it with AdamW, a
-warm-up + cosine schedule and EMA weights, validate (AUC) every epoch with both the raw and
-the EMA weights, keep the best EMA weights, checkpoint every epoch (`resume=true` continues
-to the same result), then bake the best EMA weights into `<out>/<name>.safetensors` and the
-manifest. Under `torchrun` it runs data-parallel (DDP); rank 0 logs and writes.
+For each name in `experts`, `train_expert` runs five steps:
+
+    build_run        the expert from its config, its data (data_prep.loaders), AdamW, a warm-up +
+                     cosine schedule, EMA weights
+    resume_run       with resume=true, continue from runs/<name>/checkpoint.pt to the same result
+    train_one_epoch  every epoch; then
+    validate         AUC with both the raw and the EMA weights, keep the best EMA weights, and
+                     checkpoint (save_checkpoint)
+    export           bake the best EMA weights into <out>/<name>.safetensors and the manifest
+
+Under `torchrun` it runs data-parallel (DDP); rank 0 logs and writes.
 
 Determinism: every random choice of epoch e (sample order, augmentations, online fakes,
 dropout) is seeded from (seed, e, sample index), so an interrupted run resumed from its last
@@ -25,11 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.cli import CommandLine, entry_point
@@ -37,167 +42,20 @@ from common.errors import UsageError
 from common.files import atomic_write
 from common.inputs import to_unit_float
 from common.metrics import roc_auc
-from common.runtime import mixed_precision, sample_seed, seed_everything, select_device
-from configs import Config, ExpertConfig, config_from, to_dict
+from common.runtime import Runtime, mixed_precision, sample_seed, seed_everything, setup_runtime
+from configs import Config, config_from, to_dict
 from data_prep.dataset import Sample, load_splits, read_extra_reals, summarize
 from data_prep.faces import FaceCropCache
-from data_prep.images import ImageDecodeError
-from data_prep.transforms import resize_square, to_tensor, train_augmentations
-from experts import EXPERTS, create_expert
+from data_prep.folds import fold_samples
+from data_prep.loaders import EpochSampler, FaceCropDataset, cache_face_crops, make_loader
+from experts import Expert, create_expert
+from experts.base import check_expert_config
 from experts.weights import save_expert
 
 log = logging.getLogger("train")
 
 
-# ----------------------------------------------------------------------------- runtime
-
-@dataclasses.dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime(cfg: Config) -> Runtime:
-    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group."""
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = select_device(cfg.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if device.type == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, world)
-
-
-# ----------------------------------------------------------------------------- data
-
-def cache_face_crops(samples: list[Sample], crops: FaceCropCache, num_workers: int, show: bool) -> list[Sample]:
-    """Decode and face-crop every image once (filling the cache); broken files are skipped
-    with a one-line warning each and counted, never stopping the run."""
-    loader = DataLoader(_CropProbe(samples, crops), batch_size=None, num_workers=num_workers)
-    kept, broken = [], []
-    for index, error in tqdm(loader, total=len(samples), desc="face crops", disable=not show, leave=False):
-        if error:
-            broken.append(error)
-            log.warning("skipped %s", error)
-        else:
-            kept.append(samples[index])
-    if broken:
-        log.warning("%d of %d images could not be read and were skipped", len(broken), len(samples))
-    return kept
-
-
-class _CropProbe(Dataset):
-    def __init__(self, samples, crops):
-        self.samples, self.crops = samples, crops
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        try:
-            self.crops.load(self.samples[i].path)
-            return i, ""
-        except ImageDecodeError as err:
-            return i, str(err)
-
-
-class FaceCropDataset(Dataset):
-    """(uint8 tensor 3 x S x S, label). Training: augmentations and, with probability
-    `online_fakes`, a real turned into an editing fake (label 1) on the fly."""
-
-    def __init__(self, samples, crops: FaceCropCache, size: int, cfg: Config, train: bool,
-                 paired_fakes: bool = False, patch_size: int = 0):
-        self.samples, self.crops, self.size, self.train = samples, crops, size, train
-        # paired_fakes (evaluation of a reals-only split): after the n samples come n editing
-        # fakes, one made from each real with a fixed seed, so every epoch sees the same ones.
-        self.paired = paired_fakes
-        self.seed, self.epoch = cfg.seed, 0
-        self.augment = train_augmentations(cfg.augment, size) if train else None
-        self.online_fakes = cfg.data.online_fakes if train else 0.0
-        self.fake_ops = cfg.data.online_fake_ops or None
-        self.fake_masks = cfg.data.fake_masks
-        self.real_indices = [i for i, s in enumerate(samples) if s.target == 0]
-        self.margin = cfg.face.margin
-        self.patch = patch_size if train and 0 < patch_size < size else 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.samples) * (2 if self.paired else 1)
-
-    def __getitem__(self, i):
-        if i >= len(self.samples):  # a paired fake
-            i -= len(self.samples)
-            rng = np.random.default_rng(sample_seed(self.seed, 1 << 21, i))
-            image, target = self.make_fake(i, self.crops.load(self.samples[i].path), rng)
-            return to_tensor(resize_square(image, self.size)), target
-        sample = self.samples[i]
-        image, target = self.crops.load(sample.path), sample.target
-        if self.train:
-            rng = np.random.default_rng(sample_seed(self.seed, self.epoch, i))
-            if target == 0 and self.online_fakes > 0 and rng.random() < self.online_fakes:
-                image, target = self.make_fake(i, image, rng)
-            self.augment.set_random_seed(int(rng.integers(2**31)))
-            image = resize_square(self.augment(image=image)["image"], self.size)
-            if self.patch:  # a native-resolution patch; evaluation sees the whole input
-                y0, x0 = rng.integers(0, self.size - self.patch + 1, size=2)
-                image = image[y0:y0 + self.patch, x0:x0 + self.patch]
-            return to_tensor(image), target
-        return to_tensor(resize_square(image, self.size)), target
-
-    def make_fake(self, i, image, rng):
-        from data_prep.manipulations import fake_from_face_crop
-        donor = self.crops.load(self.samples[int(rng.choice(self.real_indices))].path)
-        points = self.crops.landmarks(self.samples[i].path) if self.fake_masks == "landmarks" else None
-        fake, _mask, _name = fake_from_face_crop(image, rng, donor, self.margin, self.fake_ops, points)
-        return fake, 1
-
-
-class EpochSampler(Sampler):
-    """Seeded per epoch, sharded by rank. Class-balanced: draws with replacement so each
-    class is seen equally often; else a permutation."""
-
-    def __init__(self, targets, balanced: bool, seed: int, rank=0, world=1):
-        self.targets = np.asarray(targets)
-        self.balanced, self.seed, self.rank, self.world = balanced, seed, rank, world
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.targets) // self.world
-
-    def __iter__(self):
-        g = np.random.default_rng(sample_seed(self.seed, self.epoch, 1 << 20))
-        n = len(self.targets)
-        if self.balanced and len(np.unique(self.targets)) > 1:
-            counts = np.bincount(self.targets)
-            weights = 1.0 / counts[self.targets]
-            order = g.choice(n, size=n, replace=True, p=weights / weights.sum())
-        else:
-            order = g.permutation(n)
-        return iter(order[self.rank::self.world][: len(self)].tolist())
-
-
-def make_loader(dataset, cfg: Config, sampler=None, batch_size=None, shuffle=False):
-    return DataLoader(dataset, batch_size=batch_size or cfg.train.batch_size, sampler=sampler,
-                      shuffle=shuffle, num_workers=cfg.data.num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=sampler is not None,
-                      persistent_workers=False)
-
-
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- pieces
 
 class TrainStep(nn.Module):
     """Wraps the expert so that DDP sees the loss computation as one forward pass."""
@@ -224,13 +82,16 @@ def to_input(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def predict(model, loader, device, channels_last=False, amp_dtype=None, show=False, desc="val"):
     model.eval()
     scores, labels = [], []
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for x, y in tqdm(loader, desc=desc, disable=not show, leave=False):
-        with autocast:
+        with autocast(device, amp_dtype):
             scores.append(model.predict_proba(to_input(x, device, channels_last)).float().cpu())
         labels.append(y)
     return torch.cat(scores).numpy(), torch.cat(labels).numpy()
@@ -243,44 +104,71 @@ def safe_auc(y, p) -> float:
         return float("nan")
 
 
-def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: str | None = None) -> dict:
-    """Train expert `name` of the config; exported (weights, manifest, run dir) as
-    `export_name` (default: the same). Returns its summary (also written to the manifest)."""
-    ecfg: ExpertConfig = cfg.expert_config(name)
-    export_name = export_name or name
+# ----------------------------------------------------------------------------- one expert
+
+@dataclasses.dataclass
+class ExpertRun:
+    """One expert's training: its settings, model, data and optimizer, and how far it got."""
+    name: str                  # the expert's name in the config
+    export_name: str           # its name in the weights folder and run_dir (<name>_fold<k> for a fold)
+    cfg: Config
+    size: int                  # input side
+    epochs: int
+    run_dir: Path              # checkpoint.pt, metrics.json / .csv, val_scores.json
+    show: bool                 # progress bars
+    crops: FaceCropCache
+    expert: Expert
+    step_module: nn.Module     # the expert's loss as one forward pass (DDP-wrapped under torchrun)
+    train_samples: list[Sample]
+    train_set: FaceCropDataset
+    sampler: EpochSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    params: list[nn.Parameter]  # what the optimizer updates
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: object                # torch_ema.ExponentialMovingAverage of `params`
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    start_epoch: int = 0
+    history: list[dict] = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=lambda: {"auc": -1.0, "epoch": -1, "state": None})
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+
+def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: str | None = None) -> ExpertRun:
+    """The expert `name` of the config, its loaders and its optimizer, before the first epoch."""
+    ecfg = cfg.expert_config(name)
     size = ecfg.image_size or cfg.data.image_size
     epochs = ecfg.epochs or cfg.train.epochs
-    lr = ecfg.lr or cfg.train.lr
-    run_dir = Path(cfg.run_dir) / export_name
+    export_name = export_name or name
     show = rt.is_main and (sys.stderr.isatty() or os.environ.get("FORCE_TQDM") == "1")
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # before the expert is built: its initial weights are seeded too
 
     crops = FaceCropCache(cfg.face, cfg.data.cache_dir)
     expert = create_expert(ecfg, size).to(rt.device)
-    train_samples = splits["trainset"]
-    if expert.trains_on_real_only:
-        train_samples = [s for s in train_samples if s.target == 0] + splits.get("extra_reals", [])
-    train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True, patch_size=ecfg.patch_size)
-    if expert.trains_on_real_only:
-        train_set.online_fakes = 0.0  # a real-only model must never see an editing fake
+    train_samples = expert.training_samples(splits)
+    reals_only = expert.trains_on_real_only  # then: no editing fake, no class balance to draw
+    train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True, patch_size=ecfg.patch_size,
+                                online_fakes=0.0 if reals_only else None)
     # A reals-only valset (training on reals + editing fakes) is validated on its reals and
     # an editing fake of each: model selection never sees a fake of the data set.
     val_real_only = all(s.target == 0 for s in splits["valset"])
     val_set = FaceCropDataset(splits["valset"], crops, size, cfg, train=False, paired_fakes=val_real_only)
-    sampler = EpochSampler([s.target for s in train_samples], cfg.train.balanced_sampling and
-                           not expert.trains_on_real_only, cfg.seed, rt.rank, rt.world)
+    sampler = EpochSampler([s.target for s in train_samples], cfg.train.balanced_sampling and not reals_only,
+                           cfg.seed, rt.rank, rt.world)
     train_loader = make_loader(train_set, cfg, sampler)
     val_loader = make_loader(val_set, cfg, batch_size=2 * cfg.train.batch_size)
     if len(train_loader) == 0:
         raise UsageError(f"{name}: {len(train_samples)} training images are fewer than one batch "
                          f"({cfg.train.batch_size} x {rt.world} processes); lower train.batch_size")
 
-    if cfg.loss.nce == 0 and hasattr(expert, "projector"):
-        # Only the NCE loss uses the projection head: without it, freeze it, so it neither
-        # counts as trainable nor leaves DDP waiting for gradients that never come.
-        expert.projector.requires_grad_(False)
     if cfg.train.channels_last:
         expert = expert.to(memory_format=torch.channels_last)
+    params = expert.trainable_parameters(cfg.loss)  # freezes the rest: before DDP registers them
     step_module: nn.Module = TrainStep(expert, cfg.loss)
     if rt.world > 1:
         if cfg.train.sync_bn and rt.device.type == "cuda":
@@ -288,8 +176,7 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
-    params = [p for p in expert.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=ecfg.lr or cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = max(1, len(train_loader) // cfg.train.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         epochs * steps_per_epoch, round(cfg.train.warmup_epochs * steps_per_epoch)))
@@ -297,110 +184,140 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name:
     ema = ExponentialMovingAverage(params, decay=cfg.train.ema_decay)
     amp_dtype, use_scaler = mixed_precision(cfg.train.amp, rt.device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    return ExpertRun(name, export_name, cfg, size, epochs, Path(cfg.run_dir) / export_name, show, crops,
+                     expert, step_module, train_samples, train_set, sampler, train_loader, val_loader,
+                     params, optimizer, scheduler, ema, scaler, amp_dtype)
 
-    start_epoch, best = 0, {"auc": -1.0, "epoch": -1, "state": None}
-    history: list[dict] = []
-    checkpoint = run_dir / "checkpoint.pt"
-    if cfg.resume and checkpoint.is_file():
-        ck = torch.load(checkpoint, map_location=rt.device, weights_only=True)
-        expert.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        ema.load_state_dict(ck["ema"])
-        scaler.load_state_dict(ck["scaler"])
-        start_epoch, history = ck["epoch"] + 1, json.loads(ck["history"])
-        best = {"auc": ck["best_auc"], "epoch": ck["best_epoch"], "state": ck["best_state"]}
-        if rt.is_main:
-            log.info("%s: resumed from %s at epoch %d", name, checkpoint, start_epoch)
 
-    total, trainable = expert.parameter_counts()
+def resume_run(run: ExpertRun, rt: Runtime) -> None:
+    """With resume=true and a checkpoint: every state as it was after its epoch."""
+    if not (run.cfg.resume and run.checkpoint.is_file()):
+        return
+    ck = torch.load(run.checkpoint, map_location=rt.device, weights_only=True)
+    run.expert.load_state_dict(ck["model"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    run.scheduler.load_state_dict(ck["scheduler"])
+    run.ema.load_state_dict(ck["ema"])
+    run.scaler.load_state_dict(ck["scaler"])
+    run.start_epoch, run.history = ck["epoch"] + 1, json.loads(ck["history"])
+    run.best = {"auc": ck["best_auc"], "epoch": ck["best_epoch"], "state": ck["best_state"]}
     if rt.is_main:
-        log.info("%s (%s, %s): %d train / %d val images, %d epochs, %.2fM params (%.3f%% trainable)",
-                 name, ecfg.kind, ecfg.model, len(train_samples), len(splits["valset"]), epochs,
-                 total / 1e6, 100 * trainable / total)
-    started = time.time()
-    for epoch in range(start_epoch, epochs):
-        seed_everything(sample_seed(cfg.seed, epoch))
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        expert.train()
-        optimizer.zero_grad(set_to_none=True)  # a partial accumulation must not leak into this epoch
-        epoch_start, sums, n_batches, n_images = time.time(), {}, 0, 0
-        bar = tqdm(train_loader, desc=f"{name} {epoch + 1}/{epochs}", disable=not show, leave=False)
-        for step, (x, y) in enumerate(bar):
-            x, y = to_input(x, rt.device, cfg.train.channels_last), y.to(rt.device)
-            with torch.autocast(rt.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-                loss, logs = step_module(x, y)
-            scaler.scale(loss / cfg.train.grad_accum).backward()
-            if (step + 1) % cfg.train.grad_accum == 0:
-                scaler.unscale_(optimizer)
-                if cfg.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                ema.update()
-            logs["loss"] = loss.item()
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_batches += 1
-            n_images += len(x)
-            bar.set_postfix(loss=f"{sums['loss'] / n_batches:.4f}")
-        train_seconds = time.time() - epoch_start
+        log.info("%s: resumed from %s at epoch %d", run.name, run.checkpoint, run.start_epoch)
 
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-               **{f"train_{k}": v / max(1, n_batches) for k, v in sums.items()},
-               "train_images_per_s": n_images * rt.world / max(train_seconds, 1e-9)}
-        if rt.is_main:
-            p_raw, y_val = predict(expert, val_loader, rt.device, cfg.train.channels_last, amp_dtype, show)
-            with torch.no_grad(), ema.average_parameters():  # no_grad: torch-ema's state breaks otherwise
-                p_ema, _ = predict(expert, val_loader, rt.device, cfg.train.channels_last, amp_dtype, show)
-                ema_state = {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}
-            row.update(val_auc=safe_auc(y_val, p_raw), val_auc_ema=safe_auc(y_val, p_ema),
-                       seconds=time.time() - epoch_start)
-            if best["state"] is None or row["val_auc_ema"] > best["auc"] or math.isnan(best["auc"]):
-                best = {"auc": row["val_auc_ema"], "epoch": epoch + 1, "state": ema_state}
-            history.append(row)
-            log.info("%s epoch %d/%d  loss %.4f  val AUC %.4f (EMA %.4f)  %.0f img/s  %.0fs", name, epoch + 1,
-                     epochs, row["train_loss"], row["val_auc"], row["val_auc_ema"],
-                     row["train_images_per_s"], row["seconds"])
-            save_checkpoint(checkpoint, expert, optimizer, scheduler, ema, scaler, epoch, history, best)
-        if rt.world > 1:
-            dist.barrier()
 
-    if not rt.is_main:
-        return {}
-    expert.load_state_dict(best["state"])
-    if hasattr(expert, "finalize"):
-        real_batches = ((to_input(x, rt.device, False), y) for x, y in
-                        make_loader(FaceCropDataset(train_samples, crops, size, cfg, train=False), cfg))
-        val_batches = ((to_input(x, rt.device, False), y) for x, y in val_loader)
-        expert.eval()
-        expert.finalize(real_batches, val_batches)
-    p_val, y_val = predict(expert, val_loader, rt.device, show=show)
-    write_history(run_dir, history)
+def train_one_epoch(run: ExpertRun, epoch: int, rt: Runtime) -> dict:
+    """One pass over the training loader; the epoch's row of the history (loss terms, lr, speed)."""
+    cfg = run.cfg
+    seed_everything(sample_seed(cfg.seed, epoch))
+    run.sampler.set_epoch(epoch)
+    run.train_set.set_epoch(epoch)
+    run.expert.train()
+    run.optimizer.zero_grad(set_to_none=True)  # a partial accumulation must not leak into this epoch
+    epoch_start, sums, n_batches, n_images = time.time(), {}, 0, 0
+    bar = tqdm(run.train_loader, desc=f"{run.name} {epoch + 1}/{run.epochs}", disable=not run.show, leave=False)
+    for step, (x, y) in enumerate(bar):
+        x, y = to_input(x, rt.device, cfg.train.channels_last), y.to(rt.device)
+        with autocast(rt.device, run.amp_dtype):
+            loss, logs = run.step_module(x, y)
+        run.scaler.scale(loss / cfg.train.grad_accum).backward()
+        if (step + 1) % cfg.train.grad_accum == 0:
+            run.scaler.unscale_(run.optimizer)
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(run.params, cfg.train.grad_clip)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scheduler.step()
+            run.ema.update()
+        logs["loss"] = loss.item()
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_batches += 1
+        n_images += len(x)
+        bar.set_postfix(loss=f"{sums['loss'] / n_batches:.4f}")
+    train_seconds = time.time() - epoch_start
+    return {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
+            **{f"train_{k}": v / max(1, n_batches) for k, v in sums.items()},
+            "train_images_per_s": n_images * rt.world / max(train_seconds, 1e-9)}
+
+
+def validate(run: ExpertRun, row: dict, epoch_start: float, rt: Runtime) -> None:
+    """Validation AUC of the raw and the EMA weights into `row`, appended to the history; the
+    EMA weights are kept as the best when their AUC is the best so far (rank 0 only)."""
+    cfg, expert = run.cfg, run.expert
+    p_raw, y_val = predict(expert, run.val_loader, rt.device, cfg.train.channels_last, run.amp_dtype, run.show)
+    with torch.no_grad(), run.ema.average_parameters():  # no_grad: torch-ema's state breaks otherwise
+        p_ema, _ = predict(expert, run.val_loader, rt.device, cfg.train.channels_last, run.amp_dtype, run.show)
+        ema_state = {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}
+    row.update(val_auc=safe_auc(y_val, p_raw), val_auc_ema=safe_auc(y_val, p_ema),
+               seconds=time.time() - epoch_start)
+    if run.best["state"] is None or row["val_auc_ema"] > run.best["auc"] or math.isnan(run.best["auc"]):
+        run.best = {"auc": row["val_auc_ema"], "epoch": row["epoch"], "state": ema_state}
+    run.history.append(row)
+    log.info("%s epoch %d/%d  loss %.4f  val AUC %.4f (EMA %.4f)  %.0f img/s  %.0fs", run.name, row["epoch"],
+             run.epochs, row["train_loss"], row["val_auc"], row["val_auc_ema"],
+             row["train_images_per_s"], row["seconds"])
+
+
+def export(run: ExpertRun, rt: Runtime, splits: dict, started: float) -> dict:
+    """Load the best EMA weights, let the expert finalize itself, write weights + manifest,
+    the history and the validation scores; the summary recorded in the manifest."""
+    cfg, expert = run.cfg, run.expert
+    expert.load_state_dict(run.best["state"])
+    expert.eval()
+    training_batches = ((to_input(x, rt.device, False), y) for x, y in
+                        make_loader(FaceCropDataset(run.train_samples, run.crops, run.size, cfg, train=False), cfg))
+    val_batches = ((to_input(x, rt.device, False), y) for x, y in run.val_loader)
+    expert.finalize(training_batches, val_batches)
+    p_val, y_val = predict(expert, run.val_loader, rt.device, show=run.show)
+    write_history(run.run_dir, run.history)
     summary = {
-        "best_epoch": best["epoch"], "val_auc": safe_auc(y_val, p_val), "epochs": epochs,
-        "train_seconds": round(time.time() - started, 1), "image_size": size,
-        "data": {"trainset": summarize(train_samples), "valset": summarize(splits["valset"])},
-        "history": history,
+        "best_epoch": run.best["epoch"], "val_auc": safe_auc(y_val, p_val), "epochs": run.epochs,
+        "train_seconds": round(time.time() - started, 1), "image_size": run.size,
+        "data": {"trainset": summarize(run.train_samples), "valset": summarize(splits["valset"])},
+        "history": run.history,
     }
-    save_expert(expert, cfg.out, export_name, cfg.face, {"training": summary}, config=to_dict(cfg))
-    (run_dir / "val_scores.json").write_text(json.dumps(
+    save_expert(expert, cfg.out, run.export_name, cfg.face, {"training": summary}, config=to_dict(cfg))
+    (run.run_dir / "val_scores.json").write_text(json.dumps(
         {s.name: float(p) for s, p in zip(splits["valset"], p_val)}))
-    log.info("%s: best epoch %d, val AUC %.4f -> %s/%s.safetensors", export_name, best["epoch"],
-             summary["val_auc"], cfg.out, export_name)
+    log.info("%s: best epoch %d, val AUC %.4f -> %s/%s.safetensors", run.export_name, run.best["epoch"],
+             summary["val_auc"], cfg.out, run.export_name)
     return summary
 
 
-def save_checkpoint(path: Path, expert, optimizer, scheduler, ema, scaler, epoch, history, best) -> None:
-    """Everything needed to continue; plain tensors and numbers only (loads with weights_only)."""
-    with atomic_write(path, "wb") as handle:
-        torch.save({"model": expert.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "ema": ema.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "history": json.dumps(history), "best_auc": best["auc"],
-                    "best_epoch": best["epoch"], "best_state": best["state"]}, handle)
+def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: str | None = None) -> dict:
+    """Train expert `name` of the config; exported (weights, manifest, run dir) as
+    `export_name` (default: the same). Returns its summary (also written to the manifest);
+    {} on the ranks other than 0."""
+    run = build_run(cfg, name, splits, rt, export_name)
+    resume_run(run, rt)
+    total, trainable = run.expert.parameter_counts()
+    if rt.is_main:
+        ecfg = cfg.expert_config(name)
+        log.info("%s (%s, %s): %d train / %d val images, %d epochs, %.2fM params (%.3f%% trainable)",
+                 name, ecfg.kind, ecfg.model, len(run.train_samples), len(splits["valset"]), run.epochs,
+                 total / 1e6, 100 * trainable / total)
+    started = time.time()
+    for epoch in range(run.start_epoch, run.epochs):
+        epoch_start = time.time()
+        row = train_one_epoch(run, epoch, rt)
+        if rt.is_main:
+            validate(run, row, epoch_start, rt)
+            save_checkpoint(run, epoch)
+        if rt.world > 1:
+            dist.barrier()
+    return export(run, rt, splits, started) if rt.is_main else {}
+
+
+def save_checkpoint(run: ExpertRun, epoch: int) -> None:
+    """Everything needed to continue after `epoch`; plain tensors and numbers only (loads
+    with weights_only)."""
+    with atomic_write(run.checkpoint, "wb") as handle:
+        torch.save({"model": run.expert.state_dict(), "optimizer": run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(), "ema": run.ema.state_dict(),
+                    "scaler": run.scaler.state_dict(), "epoch": epoch, "history": json.dumps(run.history),
+                    "best_auc": run.best["auc"], "best_epoch": run.best["epoch"],
+                    "best_state": run.best["state"]}, handle)
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
@@ -420,17 +337,17 @@ def main(argv=None) -> int:
     if not cfg.data_root:
         raise UsageError("no data root: python -m experts.train DATA_ROOT [key=value ...]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    rt = setup_runtime(cfg)
+    # Every expert's settings before any is trained: a bad key must not surface hours in.
+    kinds = [check_expert_config(cfg.expert_config(name), name) for name in cfg.experts]
+    rt = setup_runtime(cfg.device, cfg.threads)
     splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods,
                          allow_real_only=cfg.data.online_fakes > 0)
     suffix = ""
     if cfg.data.folds_csv:  # leave-one-cluster-out: fold k validates on cluster k
-        from data_prep.cluster_split import fold_samples
         splits["trainset"], splits["valset"] = fold_samples(splits["trainset"] + splits["valset"],
                                                             cfg.data.folds_csv, cfg.data.fold)
         suffix = f"_fold{cfg.data.fold}"
-    if cfg.data.extra_reals and any(EXPERTS[cfg.expert_config(n).kind].trains_on_real_only
-                                    for n in cfg.experts):
+    if cfg.data.extra_reals and any(kind.trains_on_real_only for kind in kinds):
         splits["extra_reals"] = [s for folder in cfg.data.extra_reals for s in read_extra_reals(folder)]
     cached = [split for split in ("trainset", "valset", "extra_reals") if split in splits]
     crops = FaceCropCache(cfg.face, cfg.data.cache_dir)

@@ -1,6 +1,8 @@
-"""Helpers shared by the tests (importable because conftest puts tests/ on sys.path)."""
+"""Helpers shared by the tests (importable: pyproject.toml puts tests/ on pytest's pythonpath)."""
 from __future__ import annotations
 
+import csv
+import re
 from pathlib import Path
 
 DEMO_SIZES = dict(n_train=64, n_val=32, n_test=16, size=96)
@@ -13,6 +15,17 @@ TINY_MODELS = {
     "resnet": "test_resnet",
 }
 SIZED_EXPERTS = ("mesonet", "forensic")  # not timm models: their profile input size is reduced instead
+# timm's tiny test models (what timm's own tests build), by the family of a profile's backbone
+TINY_TIMM_FAMILIES = {"convnext": "test_convnext", "tf_efficientnet": "test_efficientnet",
+                      "efficientnet": "test_efficientnet", "resnet": "test_resnet", "vit": "test_vit"}
+
+
+def tiny_timm_model(model: str) -> str:
+    """timm's tiny test model of `model`'s family (convnextv2_tiny.fcmae_ft_in1k -> test_convnext)."""
+    for family, tiny in TINY_TIMM_FAMILIES.items():
+        if model.startswith(family):
+            return tiny
+    raise KeyError(f"no tiny test model for timm model {model!r}: add its family to TINY_TIMM_FAMILIES")
 
 
 def cpu_run_overrides(tmp_path, cache_dir=None) -> list[str]:
@@ -39,3 +52,15 @@ def tiny_overrides(tmp_path, epochs: int = 2, experts: str | None = None, cache_
     if experts:
         out.append(f"experts={experts}")
     return out
+
+
+# infer.py's line per image, without --csv
+PREDICTION_LINE = re.compile(r"^Prediction of \[(.+)\] being Deepfake: (\d\.\d{6})$")
+
+
+def read_prediction_csv(path) -> list[tuple[str, float]]:
+    """(img_name, y_pred) rows of an `infer.py --csv` file, after checking its header."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["img_name", "y_pred"]
+    return [(name, float(p)) for name, p in rows[1:]]

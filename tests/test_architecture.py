@@ -1,4 +1,5 @@
-"""Imports flow one way: common < configs < data_prep < experts < ensemble < scripts.
+"""Imports flow one way: common < configs < data_prep < experts < ensemble < scripts; and no
+file is longer than MAX_LINES.
 
 Every module of the project is parsed with `ast` (nothing is imported or run) and every
 import it makes, at the top or inside a function, is checked:
@@ -6,9 +7,10 @@ import it makes, at the top or inside a function, is checked:
 * upward: a module may import from its own layer and the layers below, never from above
   (`experts.train` must not reach into `ensemble`, `data_prep` into `experts`);
 * sideways: a module of a stage must not import another module's command line (a module
-  that runs as `python -m ...`) of its own stage, as `data_prep.augment` once imported
-  `data_prep.demo`: what two commands share belongs in a module of its own. The scripts on
-  top (infer.py, bench/) may use each other: bench/speed.py measures infer.py itself.
+  that runs as `python -m ...`) of its own stage, as `data_prep.make_fakes` (then called
+  `augment`) once imported `data_prep.demo`: what two commands share belongs in a module of
+  its own. The scripts on top (infer.py, bench/) may use each other: bench/speed.py measures
+  infer.py itself.
 """
 import ast
 from pathlib import Path
@@ -101,3 +103,23 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     probe.write_text("from data_prep import demo\nfrom data_prep.dataset import read_label_file\n")
     assert sideways_imports("data_prep.probe", probe) == ["probe.py:1 imports data_prep.demo"]
     assert upward_imports("data_prep.probe", probe) == []
+
+
+# ---------------------------------------------------------------- file length
+
+MAX_LINES = 400  # a file a newcomer reads top-down in one sitting
+LONGER_ALLOWED = {"bench/speed.py"}  # one measurement protocol, kept whole on purpose
+
+
+def python_files() -> list[Path]:
+    """Every .py file of the repository, tests included; hidden and output folders skipped."""
+    skipped = {"demo_data", "weights", "reports", "runs"}
+    return sorted(p for p in ROOT.rglob("*.py")
+                  if not any(part.startswith(".") or part in skipped for part in p.relative_to(ROOT).parts))
+
+
+def test_no_file_is_longer_than_max_lines():
+    assert len(python_files()) > len(MODULES)  # the tests are counted too
+    lengths = {p.relative_to(ROOT).as_posix(): len(p.read_text(encoding="utf-8").splitlines()) for p in python_files()}
+    too_long = {name: n for name, n in lengths.items() if n >= MAX_LINES and name not in LONGER_ALLOWED}
+    assert not too_long, f"files of {MAX_LINES} lines or more (split them by what they do): {too_long}"

@@ -141,7 +141,7 @@ def test_command_line_bad_root_is_one_line(tmp_path, capsys):
 # ---------------------------------------------------------------- the stacker's guard
 
 def test_guard_compares_content_not_names(leaky_root):
-    trained = {ensemble_fit.content_id(p): p.name for p in (leaky_root / "trainset").iterdir()}
+    trained = {ensemble_fit.content_id(p): f"trainset/{p.name}" for p in (leaky_root / "trainset").iterdir()}
     same_name = [Sample(leaky_root / "valset" / "shared.png", 0)]
     assert ensemble_fit.check_no_trainset_copies(same_name, trained, leaky_root) == \
         [ensemble_fit.content_id(leaky_root / "valset" / "shared.png")]
@@ -189,6 +189,16 @@ def test_fit_accepts_a_shared_name_and_refuses_a_renamed_copy(demo_root, tmp_pat
     assert ensemble_fit.main([str(root)] + untrained_weights) == 2  # the command line: one line
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "renamed_copy.png" in err
+
+
+def test_fit_refuses_a_valset_image_the_dae_trained_on_as_an_extra_real(demo_root, tmp_path, untrained_weights):
+    extra = tmp_path / "more_reals"
+    extra.mkdir()
+    val_name = sorted(p.name for p in (demo_root / "valset").iterdir())[0]
+    shutil.copyfile(demo_root / "valset" / val_name, extra / "borrowed.png")
+    cfg = load_config("cpu", untrained_weights + [f"data_root={demo_root}", f"data.extra_reals=[{extra}]"])
+    with pytest.raises(LeakageError, match=f"{val_name} = .*borrowed.png"):
+        ensemble_fit.fit_ensemble(cfg)
 
 
 # ---------------------------------------------------------------- train.sh

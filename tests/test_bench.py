@@ -1,4 +1,4 @@
-"""bench/speed.py and bench/quality.py on a tiny demo set and one tiny trained expert."""
+"""bench.speed and bench.quality on a tiny demo set and one tiny trained expert."""
 from __future__ import annotations
 
 import json
@@ -91,7 +91,7 @@ def test_quality(tiny, tmp_path):
     out = tmp_path / "quality.md"
     assert quality.main([str(root), "--weights", str(weights), "--out", str(out), *overrides]) == 0
     text = out.read_text()
-    assert f"`{root}`" in text and "testset" in text and "command: `python bench/quality.py" in text
+    assert f"`{root}`" in text and "testset" in text and "command: `python -m bench.quality" in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| name | auc | ap | eer | acc | tpr@fpr1 | tpr@fpr5 | ece | brier")
     names = [line.split("|")[1].strip() for line in table[1:]]
@@ -99,8 +99,8 @@ def test_quality(tiny, tmp_path):
     assert quality.main([str(tmp_path / "no_data"), "--weights", str(weights), "--out", str(out)]) == 2
 
 
-def test_scripts_run_standalone():
-    for script in ("bench/speed.py", "bench/quality.py"):
-        proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+def test_benchmarks_run_as_modules_from_the_repository_root():
+    for module in ("bench.speed", "bench.quality"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                               timeout=60)
-        assert proc.returncode == 0 and "usage:" in proc.stdout
+        assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python -m {module}")

@@ -8,9 +8,10 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
 from configs import FaceConfig
-from data_prep import cluster_split as cs
-from experts import cluster_split as command
+from data_prep import clustering, pseudo_labels
+from data_prep import folds as fold_files
 from data_prep.dataset import DataLayoutError, Sample
+from experts import cluster_split as command
 
 
 def blobs(sizes, dim, spreads=None, seed=0):
@@ -28,7 +29,7 @@ def blobs(sizes, dim, spreads=None, seed=0):
 @pytest.mark.parametrize("dim", [8, 128])  # 128 > PCA_DIMS exercises the PCA step
 def test_kmeans_recovers_blobs_numbered_by_size(dim):
     points, truth = blobs([30, 60, 45], dim)
-    clusters = cs.kmeans(points, k=3, seed=0, device="cpu")
+    clusters = clustering.kmeans(points, k=3, seed=0, device="cpu")
     assert adjusted_rand_score(truth, clusters) == 1.0
     # 0 = largest: blob 1 (60 points), then blob 2 (45), then blob 0 (30).
     assert np.bincount(clusters).tolist() == [60, 45, 30]
@@ -37,20 +38,20 @@ def test_kmeans_recovers_blobs_numbered_by_size(dim):
 
 def test_kmeans_is_deterministic_for_a_seed():
     points, _ = blobs([50, 50, 50, 50], 32, spreads=[8.0] * 4)  # overlapping: the init matters
-    first = cs.kmeans(points, k=4, seed=3, device="cpu")
-    assert np.array_equal(first, cs.kmeans(points, k=4, seed=3, device="cpu"))
+    first = clustering.kmeans(points, k=4, seed=3, device="cpu")
+    assert np.array_equal(first, clustering.kmeans(points, k=4, seed=3, device="cpu"))
 
 
 def test_kmeans_rejects_bad_k():
     points, _ = blobs([5, 5], 4)
     with pytest.raises(ValueError, match="k must be"):
-        cs.kmeans(points, k=10)
+        clustering.kmeans(points, k=10)
     with pytest.raises(ValueError, match="k must be"):
-        cs.kmeans(points, k=1)
+        clustering.kmeans(points, k=1)
 
 
 def test_relabel_by_size_breaks_ties_by_first_member():
-    assert cs.relabel_by_size(np.array([7, 3, 3, 7, 5, 5, 5])).tolist() == [1, 2, 2, 1, 0, 0, 0]
+    assert clustering.relabel_by_size(np.array([7, 3, 3, 7, 5, 5, 5])).tolist() == [1, 2, 2, 1, 0, 0, 0]
 
 
 # -- folds -----------------------------------------------------------------------
@@ -59,16 +60,16 @@ def test_relabel_by_size_breaks_ties_by_first_member():
 def table():
     names = [f"img_{i:02d}.jpg" for i in range(12)]
     targets = np.array([0, 1] * 6)
-    clusters = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, cs.UNCLUSTERED])
+    clusters = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, fold_files.UNCLUSTERED])
     return names, targets, clusters
 
 
 def test_make_folds_validates_every_image_once_and_never_in_train(table):
     names, targets, clusters = table
-    folds = cs.make_folds(names, targets, clusters)
+    folds = fold_files.make_folds(names, targets, clusters)
     assert [f["fold"] for f in folds] == [0, 1, 2]
     validated = [name for f in folds for name in f["val"]]
-    clustered = [n for n, c in zip(names, clusters) if c != cs.UNCLUSTERED]
+    clustered = [n for n, c in zip(names, clusters) if c != fold_files.UNCLUSTERED]
     assert sorted(validated) == sorted(clustered)  # each clustered image exactly once
     for fold in folds:
         assert not set(fold["train"]) & set(fold["val"])
@@ -79,20 +80,20 @@ def test_make_folds_validates_every_image_once_and_never_in_train(table):
 def test_make_folds_rejects_repeated_names(table):
     names, targets, clusters = table
     with pytest.raises(ValueError, match="unique"):
-        cs.make_folds(names[:-1] + [names[0]], targets, clusters)
+        fold_files.make_folds(names[:-1] + [names[0]], targets, clusters)
 
 
 def test_make_folds_warns_on_single_class_validation():
     with pytest.warns(UserWarning, match="fold 1"):
-        cs.make_folds(["a", "b", "c", "d"], [0, 1, 1, 1], [0, 0, 1, 1])
+        fold_files.make_folds(["a", "b", "c", "d"], [0, 1, 1, 1], [0, 0, 1, 1])
 
 
 def test_write_read_folds_round_trip(tmp_path, table):
     names, targets, clusters = table
-    path = cs.write_folds(tmp_path / "out", names, targets, clusters)
+    path = fold_files.write_folds(tmp_path / "out", names, targets, clusters)
     assert path == tmp_path / "out" / "folds.csv"
     assert path.read_text().splitlines()[0] == "img_name,target,fold"
-    assert cs.read_folds(path) == {n: int(c) for n, c in zip(names, clusters)}
+    assert fold_files.read_folds(path) == {n: int(c) for n, c in zip(names, clusters)}
 
     report = json.loads((tmp_path / "out" / "clusters.json").read_text())
     by_cluster = {row["cluster"]: row for row in report["clusters"]}
@@ -105,33 +106,33 @@ def test_read_folds_names_file_and_line(tmp_path):
     bad = tmp_path / "folds.csv"
     bad.write_text("img_name,target,fold\na.jpg,0,1\na.jpg,1,2\n")
     with pytest.raises(DataLayoutError, match=r"folds.csv:3: 'a.jpg' is listed twice"):
-        cs.read_folds(bad)
+        fold_files.read_folds(bad)
 
 
 def test_fold_samples_splits_and_requires_every_sample(tmp_path, table):
     names, targets, clusters = table
-    path = cs.write_folds(tmp_path, names, targets, clusters)
+    path = fold_files.write_folds(tmp_path, names, targets, clusters)
     samples = [Sample(tmp_path / n, int(t)) for n, t in zip(names, targets)]
-    train, val = cs.fold_samples(samples, path, 1)
+    train, val = fold_files.fold_samples(samples, path, 1)
     assert [s.name for s in val] == ["img_05.jpg", "img_06.jpg", "img_07.jpg"]
     assert len(train) == 9 and not {s.name for s in train} & {s.name for s in val}
 
     stranger = Sample(tmp_path / "not_in_folds.jpg", 0)
     with pytest.raises(DataLayoutError, match=r"folds\.csv: no fold for 1 of 13 images.*not_in_folds\.jpg"):
-        cs.fold_samples(samples + [stranger], path, 0)
+        fold_files.fold_samples(samples + [stranger], path, 0)
     with pytest.raises(ValueError, match="no fold 7"):
-        cs.fold_samples(samples, cs.read_folds(path), 7)
+        fold_files.fold_samples(samples, fold_files.read_folds(path), 7)
 
 
 def test_random_folds_are_stratified_and_reproducible():
     names = [f"{i}.png" for i in range(40)]
     targets = np.array([1] * 10 + [0] * 30)
-    folds = cs.random_folds(names, targets, k=5, seed=0)
+    folds = fold_files.random_folds(names, targets, k=5, seed=0)
     assert np.bincount(folds).tolist() == [8] * 5
     assert [int(targets[folds == k].sum()) for k in range(5)] == [2] * 5  # 10 fakes over 5 folds
-    assert np.array_equal(folds, cs.random_folds(names, targets, k=5, seed=0))
+    assert np.array_equal(folds, fold_files.random_folds(names, targets, k=5, seed=0))
     # Order independent: the same images in reverse order get the same folds.
-    reversed_folds = cs.random_folds(names[::-1], targets[::-1], k=5, seed=0)
+    reversed_folds = fold_files.random_folds(names[::-1], targets[::-1], k=5, seed=0)
     assert np.array_equal(reversed_folds[::-1], folds)
 
 
@@ -149,9 +150,9 @@ def test_pseudo_labels_real_anchors_decide(real_spread_more):
     points, truth = real_spread_more
     anchors = np.zeros(len(truth), bool)
     anchors[[0, 3, 7]] = True  # three known-real images
-    labels, info = cs.pseudo_labels(points, real_anchor_mask=anchors,
+    labels, info = pseudo_labels.pseudo_labels(points, real_anchor_mask=anchors,
                                     anomaly_scores=-truth.astype(float))  # misleading; anchors win
-    assert info["rule"] == cs.RULE_REAL_ANCHORS
+    assert info["rule"] == pseudo_labels.RULE_REAL_ANCHORS
     assert np.array_equal(labels, truth)
     assert info["anchors"] == {"fake": 0, "real": 3}
     assert (info["fake_score"][truth == 1].min() > info["fake_score"][truth == 0].max())
@@ -160,30 +161,30 @@ def test_pseudo_labels_real_anchors_decide(real_spread_more):
 def test_pseudo_labels_anomaly_scores_decide(real_spread_more):
     points, truth = real_spread_more
     scores = truth + np.random.default_rng(0).normal(0, 0.3, len(truth))
-    labels, info = cs.pseudo_labels(points, anomaly_scores=scores)
-    assert info["rule"] == cs.RULE_ANOMALY_SCORE
+    labels, info = pseudo_labels.pseudo_labels(points, anomaly_scores=scores)
+    assert info["rule"] == pseudo_labels.RULE_ANOMALY_SCORE
     assert np.array_equal(labels, truth)
     assert info["mean_anomaly"]["fake"] > info["mean_anomaly"]["real"]
 
 
 def test_pseudo_labels_spread_rule_and_anchor_tie_falls_through(real_spread_more):
     points, truth = real_spread_more
-    labels, info = cs.pseudo_labels(points)
-    assert info["rule"] == cs.RULE_SPREAD and info["rule_text"]
+    labels, info = pseudo_labels.pseudo_labels(points)
+    assert info["rule"] == pseudo_labels.RULE_SPREAD and info["rule_text"]
     assert np.array_equal(labels, 1 - truth)  # the more spread (here: real) blob is called fake
     assert info["spread"]["fake"] > info["spread"]["real"]
 
     tie = np.zeros(len(truth), bool)
     tie[[0, 45]] = True  # one anchor in each cluster: no decision, next rule
-    assert cs.pseudo_labels(points, real_anchor_mask=tie)[1]["rule"] == cs.RULE_SPREAD
+    assert pseudo_labels.pseudo_labels(points, real_anchor_mask=tie)[1]["rule"] == pseudo_labels.RULE_SPREAD
 
 
 def test_pseudo_labels_checks_inputs(real_spread_more):
     points, truth = real_spread_more
     with pytest.raises(ValueError, match="marks no image"):
-        cs.pseudo_labels(points, real_anchor_mask=np.zeros(len(truth), bool))
+        pseudo_labels.pseudo_labels(points, real_anchor_mask=np.zeros(len(truth), bool))
     with pytest.raises(ValueError, match="anomaly_scores must have shape"):
-        cs.pseudo_labels(points, anomaly_scores=np.ones(3))
+        pseudo_labels.pseudo_labels(points, anomaly_scores=np.ones(3))
 
 
 # -- embedding -------------------------------------------------------------------
@@ -250,16 +251,16 @@ def test_command_line_cluster_random_and_unsupervised(tmp_path, data_root):
 
     out = tmp_path / "clustered"
     assert command.main(common + ["--out", str(out), "--k", "2"]) == 0
-    folds = cs.read_folds(out / "folds.csv")
+    folds = fold_files.read_folds(out / "folds.csv")
     assert len(folds) == 16 and set(folds.values()) == {0, 1}
     assert (out / "tsne_cluster.png").is_file() and (out / "tsne_label.png").is_file()
 
     out = tmp_path / "random"
     assert command.main(common + ["--out", str(out), "--k", "4", "--random"]) == 0
-    assert sorted(cs.read_folds(out / "folds.csv").values()) == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    assert sorted(fold_files.read_folds(out / "folds.csv").values()) == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
 
     out = tmp_path / "unsupervised"
     assert command.main(common + ["--out", str(out), "--unsupervised"]) == 0
     assert (out / "pseudo_labels.csv").read_text().startswith("img_name,target\n")
     report = json.loads((out / "pseudo_labels.json").read_text())
-    assert report["rule"] == cs.RULE_SPREAD and 0 <= report["auc"] <= 1 and 0 <= report["accuracy"] <= 1
+    assert report["rule"] == pseudo_labels.RULE_SPREAD and 0 <= report["auc"] <= 1 and 0 <= report["accuracy"] <= 1

@@ -32,7 +32,7 @@ BROKEN = {
     "ensemble.fit": ("-m ensemble.fit {d}/data", DUPLICATE),
     "ensemble.evaluate": ("-m ensemble.evaluate {d}/data --no-plots train.epoch=3", BAD_KEY),
     "experts.cluster_split": ("-m experts.cluster_split {d}/data --out {d}/folds --random", DUPLICATE),
-    "data_prep.augment": ("-m data_prep.augment {d}/data --out {d}/augmented", DUPLICATE),
+    "data_prep.make_fakes": ("-m data_prep.make_fakes {d}/data --out {d}/with_fakes", DUPLICATE),
     "data_prep.demo": ("-m data_prep.demo {d}/demo --size 8", ["size must be at least 32 pixels"]),
     "data_prep.diffusion": ("-m data_prep.diffusion {d}/data --model {d}/no_model --out {d}/sd", DUPLICATE),
     "data_prep.video": ("-m data_prep.video {d}/no_videos {d}/frames", ["no_videos/labels.csv", "missing"]),
@@ -40,12 +40,12 @@ BROKEN = {
     "experts.check_pretrained": ("-m experts.check_pretrained --profile gpu train.epoch=3", BAD_KEY),
     "infer.py": ("infer.py {d}/data/testset/a.png --weights {d}/no_weights",
                  ["no_weights/manifest.json", "no trained weights"]),
-    "bench/speed.py": ("bench/speed.py {d}/no_images", ["no_images", "not a directory"]),
-    "bench/quality.py": ("bench/quality.py {d}/data --out {d}/q.md", DUPLICATE),
-    "bench/ablation.py": ("bench/ablation.py {d}/data --work {d}/ablation train.epoch=3", BAD_KEY),
+    "bench.speed": ("-m bench.speed {d}/no_images", ["no_images", "not a directory"]),
+    "bench.quality": ("-m bench.quality {d}/data --out {d}/q.md", DUPLICATE),
+    "bench.ablation": ("-m bench.ablation {d}/data --work {d}/ablation train.epoch=3", BAD_KEY),
     "bench.generalization": ("-m bench.generalization {d}/data --protocols a --work {d}/gen",
                              ["trainset_methods.csv", "missing"]),
-    "bench/precision.py": ("bench/precision.py --kind nope --steps 1", ["unknown expert kind 'nope'"]),
+    "bench.precision": ("-m bench.precision --kind nope --steps 1", ["unknown expert kind 'nope'"]),
     "bench.face_detectors": ("-m bench.face_detectors {d}/no_images", ["no_images", "not a directory"]),
 }
 
@@ -85,8 +85,9 @@ def test_experts_train_help_prints_usage():
 
 
 @pytest.mark.parametrize("module", ["experts.train", "ensemble.fit", "ensemble.evaluate", "experts.cluster_split",
-                                    "data_prep.augment", "data_prep.demo", "data_prep.diffusion",
-                                    "data_prep.video", "data_prep.audit", "experts.check_pretrained", "infer", "bench.speed", "bench.quality", "bench.ablation",
+                                    "data_prep.make_fakes", "data_prep.demo", "data_prep.diffusion",
+                                    "data_prep.video", "data_prep.audit", "experts.check_pretrained", "infer",
+                                    "bench.speed", "bench.quality", "bench.ablation",
                                     "bench.generalization", "bench.precision", "bench.face_detectors"])
 def test_every_entry_point_has_help(module, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -116,6 +116,20 @@ def test_new_expert_section_by_override():
     assert cfg.expert["small"].model == "test_convnext"
 
 
+def test_wildcard_sets_a_key_on_every_expert_defined_so_far():
+    """`expert.*.pretrained=false`, as issue 10 asks users to run the gpu profile offline."""
+    cfg = load_config("gpu", ["expert.*.pretrained=false"])
+    assert set(cfg.expert) == {"convnext", "clip", "efficientnet", "dae"}
+    assert all(ecfg.pretrained is False for ecfg in cfg.expert.values())
+    assert all(ecfg.pretrained is True for ecfg in load_config("gpu").expert.values())  # the profile itself
+    # an expert defined after the wildcard keeps its default; the other settings stay the profile's
+    cfg = load_config("cpu", ["expert.extra.kind=timm", "expert.*.epochs=2", "expert.late.kind=dae"])
+    assert all(cfg.expert[name].epochs == 2 for name in cfg.expert if name != "late")
+    assert cfg.expert["late"].epochs == 0 and cfg.expert["resnet"].model == "resnet10t"
+    with pytest.raises(ConfigError, match=r"expert\.\w+\.epochz"):
+        load_config("cpu", ["expert.*.epochz=2"])
+
+
 def test_overrides_apply_in_order():
     assert load_config("cpu", ["train.epochs=3", "train.epochs=5"]).train.epochs == 5
 

@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.dataset import (DataLayoutError, Sample, holdout_split, list_images, load_splits,
-                               read_label_file, read_test_labels, read_unlabelled, summarize)
+from data_prep.dataset import (
+    DataLayoutError,
+    Sample,
+    holdout_split,
+    list_images,
+    load_splits,
+    read_unlabelled,
+    summarize,
+)
+from data_prep.labels import append_label_rows, label_path, read_label_file, write_label_file
 
 
 def write_image(path, value=0):
@@ -60,7 +68,7 @@ def test_testset_is_unlabelled_and_labels_read_separately(competition):
     test = load_splits(competition)["testset"]
     assert [s.name for s in test] == ["z0.png", "z1.png", "z2.png"]
     assert all(s.target is None for s in test)
-    assert read_test_labels(competition) == {"z0.png": 1, "z1.png": 0, "z2.png": 1}
+    assert read_label_file(label_path(competition, "testset")) == {"z0.png": 1, "z1.png": 0, "z2.png": 1}
 
 
 def test_no_testset(competition, tmp_path):
@@ -68,7 +76,6 @@ def test_no_testset(competition, tmp_path):
     shutil.rmtree(competition / "testset")
     (competition / "testset_label.txt").unlink()
     assert load_splits(competition)["testset"] == []
-    assert read_test_labels(competition) is None
 
 
 def test_label_file_extras_are_tolerated(tmp_path):
@@ -79,6 +86,20 @@ def test_label_file_extras_are_tolerated(tmp_path):
     (tmp_path / "trainset_label.txt").write_bytes(
         "\ufeffimg_name, target\r\na.png , 1\r\n\r\nb.png,0,extra\r\n".encode("utf-8"))
     assert read_label_file(tmp_path / "trainset_label.txt") == {"a.png": 1, "b.png": 0}
+
+
+def test_label_file_written_is_read_back_the_same(tmp_path):
+    """The one owner of the format (data_prep.labels): written, appended to, read back."""
+    path = label_path(tmp_path, "trainset")
+    write_label_file(path, [("a.png", 0), ("with,comma.png", 1)])
+    assert path.read_text().splitlines() == ["img_name,target", "a.png,0", '"with,comma.png",1']
+    labelled = set(read_label_file(path))
+    assert append_label_rows(path, ["b.png", "a.png"], 1, labelled) == 1  # a.png is there already
+    path.write_text(path.read_text().rstrip("\n"))  # a hand-edited file without its last newline
+    assert append_label_rows(path, ["c.png"], 0, labelled) == 1
+    assert read_label_file(path) == {"a.png": 0, "with,comma.png": 1, "b.png": 1, "c.png": 0}
+    fresh = tmp_path / "new_label.txt"
+    assert append_label_rows(fresh, ["x.png"], 1, set()) == 1 and read_label_file(fresh) == {"x.png": 1}
 
 
 def test_missing_valset_gives_stratified_holdout(tmp_path):

@@ -1,4 +1,4 @@
-"""Demo data set (layout, balance, determinism) and offline augmentation of a split."""
+"""Demo data set (layout, balance, determinism) and offline editing fakes added to a split (data_prep.make_fakes)."""
 import csv
 import os
 import shutil
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.augment import augment_split
-from data_prep.demo import SPLITS, build_demo, main as demo_main
+from data_prep.demo import SPLITS, build_demo
+from data_prep.demo import main as demo_main
+from data_prep.make_fakes import add_editing_fakes
 
 SMALL = dict(n_train=12, n_val=6, n_test=6, size=48)
 
@@ -64,14 +65,14 @@ def test_rebuild_in_place_and_refuses_foreign_files(tmp_path):
         build_demo(root, seed=0, n_train=2, n_val=2, n_test=2, size=40)
 
 
-def test_augment_split(demo_root, tmp_path):
+def test_add_editing_fakes(demo_root, tmp_path):
     source = tmp_path / "source"  # a copy with one broken real added
     shutil.copytree(demo_root, source)
     (source / "trainset" / "broken.jpg").write_bytes(b"not a jpeg")
     with open(source / "trainset_label.txt", "a") as labels:
         labels.write("broken.jpg,0\n")
-    out = tmp_path / "augmented"
-    summary = augment_split(source, out, split="trainset", per_real=2, seed=0,
+    out = tmp_path / "with_fakes"
+    summary = add_editing_fakes(source, out, split="trainset", per_real=2, seed=0,
                             ops=["self_blend", "splice", "inpaint"])
 
     original = read_rows(source / "trainset_label.txt")
@@ -94,17 +95,17 @@ def test_augment_split(demo_root, tmp_path):
         assert (out / f"{split}_label.txt").read_bytes() == (demo_root / f"{split}_label.txt").read_bytes()
         assert all_files(out / split) == all_files(demo_root / split)
 
-    again = augment_split(demo_root, tmp_path / "again", split="trainset", per_real=1, seed=0)
-    repeat = augment_split(demo_root, tmp_path / "repeat", split="trainset", per_real=1, seed=0)
+    again = add_editing_fakes(demo_root, tmp_path / "again", split="trainset", per_real=1, seed=0)
+    repeat = add_editing_fakes(demo_root, tmp_path / "repeat", split="trainset", per_real=1, seed=0)
     assert again["ops"] == repeat["ops"]
     assert all_files(tmp_path / "again") == all_files(tmp_path / "repeat")
     with pytest.raises(FileExistsError, match="already exists"):
-        augment_split(demo_root, tmp_path / "again", split="trainset")
+        add_editing_fakes(demo_root, tmp_path / "again", split="trainset")
 
 
-def test_augment_rejects_bad_ops(demo_root, tmp_path):
+def test_make_fakes_rejects_bad_ops(demo_root, tmp_path):
     with pytest.raises(KeyError, match="valid names"):
-        augment_split(demo_root, tmp_path / "x", ops=["no_such_op"])
+        add_editing_fakes(demo_root, tmp_path / "x", ops=["no_such_op"])
 
 
 def test_demo_command_line(tmp_path, capsys):

@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from data_prep import diffusion
-from data_prep.diffusion import ModelLoadError, build_tiny_pipeline_dir, generate_fakes, load_pipelines
+from data_prep.diffusion import generate_fakes
+from data_prep.diffusion_pipelines import ModelLoadError, load_pipelines
+from tiny_diffusion import build_tiny_pipeline_dir
 
 REAL_SIZES = {"real_a.jpg": (64, 64), "real_b.jpg": (64, 64), "real_c.jpg": (72, 56)}  # name: (w, h)
 FAST = dict(steps=2, size=64, batch_size=2)

@@ -134,8 +134,8 @@ def test_unreadable_image_is_listed_and_excluded(trained, tmp_path):
 
 
 def test_failing_plot_keeps_metrics(trained, testset_report, tmp_path, monkeypatch):
-    from configs import load_config
     from common import plots
+    from configs import load_config
 
     root, args, weights = trained
     monkeypatch.setattr(plots, "plot_roc", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))

@@ -1,4 +1,11 @@
-"""Every registered expert: interface, trainability, DAE calibration, pretrained weights offline."""
+"""Every expert of every profile, and every registered kind: interface, trainability, Grad-CAM,
+per-kind config checks, DAE calibration, pretrained weights offline.
+
+The cases are generated, as timm's own tests are: every expert the profiles define
+(configs/*.yaml), with its timm backbone swapped for timm's tiny test model of the same family;
+a kind registered in `experts.EXPERTS` that no profile uses fails `test_every_kind_is_tested`.
+"""
+import dataclasses
 import time
 
 import pytest
@@ -6,30 +13,43 @@ import timm
 import torch
 import torch.nn as nn
 
-from configs import ExpertConfig, LossConfig, load_config
-from experts import EXPERTS, create_expert
-from experts.base import PretrainedWeightsError
+from common.errors import ConfigError
+from configs import CONFIG_DIR, ExpertConfig, LossConfig, load_config
+from ensemble.gradcam import grad_cam
+from experts import EXPERT_ALIASES, EXPERTS, create_expert, expert_class
+from experts.base import PretrainedWeightsError, check_expert_config
 from experts.clip_vit import is_layernorm_param
+from experts.timm_classifier import TimmClassifier
+from helpers import tiny_timm_model
 
 SIZE = 64
-CASES = [
-    ("convnext", "test_convnext", "all"),
-    ("efficientnet", "test_efficientnet", "all"),
-    ("clip", "test_vit", "layernorm_head"),
-    ("clip", "test_vit", "all"),
-    ("dae", "test_resnet", "all"),
-    ("resnet", "test_resnet", "all"),
-    ("mesonet", "mesonet4", "all"),
-    ("forensic", "stats", "all"),
-]
-IDS = [f"{k}-{t}" for k, _, t in CASES]
-SRM_CASES = [("resnet", "test_resnet"), ("convnext", "test_convnext"), ("efficientnet", "test_efficientnet"),
-             ("clip", "test_vit"), ("mesonet", "mesonet4")]
+PROFILES = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
 
 
-def make(kind, model, trainable="all", **kw):
+def profile_expert_cases() -> dict[str, ExpertConfig]:
+    """`profile-name` -> that expert's config, with a tiny timm model, no pretrained weights."""
+    cases = {}
+    for profile in PROFILES:
+        for name, ecfg in load_config(profile).expert.items():
+            tiny = dataclasses.replace(ecfg, pretrained=False, image_size=0, epochs=0, lr=0.0)
+            if "model" in expert_class(ecfg.kind).config_fields:
+                tiny.model = tiny_timm_model(ecfg.model)
+            cases[f"{profile}-{name}"] = tiny
+    return cases
+
+
+CASES = profile_expert_cases()
+SRM_CASES = [case for case, ecfg in CASES.items() if ecfg.input_filter == "srm"]
+
+
+def make(kind, model="convnext_atto", trainable="all", **kw):
     torch.manual_seed(0)
     return create_expert(ExpertConfig(kind=kind, model=model, trainable=trainable, **kw), SIZE)
+
+
+def build(case: str) -> nn.Module:
+    torch.manual_seed(0)
+    return create_expert(CASES[case], SIZE)
 
 
 def batch(n=4, size=SIZE):
@@ -37,8 +57,17 @@ def batch(n=4, size=SIZE):
     return torch.rand(n, 3, size, size, generator=g), torch.tensor([0, 1] * (n // 2))
 
 
-def test_registry_holds_the_four_kinds():
-    assert {"convnext", "efficientnet", "clip", "dae", "resnet", "mesonet"} <= set(EXPERTS)
+def test_every_kind_is_tested():
+    """A kind nobody's profile uses would go untested: give it a profile entry (or a case)."""
+    tested = {expert_class(ecfg.kind).kind for ecfg in CASES.values()}
+    assert tested == set(EXPERTS)
+
+
+def test_the_older_kind_names_build_the_generic_timm_expert():
+    assert {"convnext", "efficientnet", "resnet"} <= set(EXPERT_ALIASES)
+    for alias in ("convnext", "efficientnet", "resnet"):
+        expert = make(alias, tiny_timm_model(alias))
+        assert type(expert) is TimmClassifier and expert.kind == "timm"
 
 
 def test_mesonet4_is_the_papers_size():
@@ -49,9 +78,11 @@ def test_mesonet4_is_the_papers_size():
         create_expert(ExpertConfig(kind="mesonet"), 100)
 
 
-@pytest.mark.parametrize("kind,model", SRM_CASES)
-def test_srm_input_filter_adds_noise_residual_channels(kind, model):
-    expert = make(kind, model, input_filter="srm").eval()
+@pytest.mark.parametrize("case", [c for c, ecfg in CASES.items()
+                                  if "input_filter" in expert_class(ecfg.kind).config_fields])
+def test_srm_input_filter_adds_noise_residual_channels(case):
+    torch.manual_seed(0)
+    expert = create_expert(dataclasses.replace(CASES[case], input_filter="srm"), SIZE).eval()
     x, _ = batch()
     with torch.no_grad():
         residuals = expert.residuals(x)
@@ -67,10 +98,10 @@ def test_unknown_input_filter_is_refused():
         make("resnet", "test_resnet", input_filter="sobel")
 
 
-@pytest.mark.parametrize("kind,model,trainable", CASES, ids=IDS)
-def test_expert_interface(kind, model, trainable):
-    expert = make(kind, model, trainable)
-    assert expert.kind == kind and expert.image_size == SIZE
+@pytest.mark.parametrize("case", CASES)
+def test_expert_interface(case):
+    expert = build(case)
+    assert expert.kind == expert_class(CASES[case].kind).kind and expert.image_size == SIZE
     x, y = batch()
     expert.eval()
     with torch.no_grad():
@@ -81,15 +112,25 @@ def test_expert_interface(kind, model, trainable):
     assert p.shape == (4,) and ((p >= 0) & (p <= 1)).all()
     torch.testing.assert_close(p, logits.float().softmax(1)[:, 1])
     assert z.ndim == 2 and z.shape[0] == 4 and z.shape[1] > 0
-    if kind != "forensic":  # fixed statistics: no learned spatial map to explain
-        assert isinstance(expert.gradcam_layer(), nn.Module)
     # normalisation travels with the weights
     assert "mean" in expert.state_dict() and "std" in expert.state_dict()
 
 
-@pytest.mark.parametrize("kind,model,trainable", CASES, ids=IDS)
-def test_training_loss_and_backward(kind, model, trainable):
-    expert = make(kind, model, trainable)
+@pytest.mark.parametrize("case", CASES)
+def test_grad_cam_explains_the_last_feature_map(case):
+    expert = build(case).eval()
+    layer = expert.gradcam_layer()
+    if expert.kind == "forensic":  # fixed statistics: no learned spatial map to explain
+        assert layer is None
+        return
+    prefix = getattr(expert, "num_prefix_tokens", getattr(getattr(expert, "backbone", None), "num_prefix_tokens", 0))
+    heatmaps = grad_cam(expert, layer, batch()[0], class_index=1, num_prefix_tokens=int(prefix))
+    assert heatmaps.shape == (4, SIZE, SIZE) and heatmaps.min() >= 0 and heatmaps.max() <= 1
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_training_loss_and_backward(case):
+    expert = build(case)
     expert.train()
     x, y = batch()
     loss_cfg = LossConfig(ce=1.0, kl=0.5, nce=0.5, nce_temperature=0.1)
@@ -103,6 +144,35 @@ def test_training_loss_and_backward(kind, model, trainable):
     assert len(with_grad) == len(trainable_params), set(n for n, _ in trainable_params) - set(with_grad)
     frozen = [p for p in expert.parameters() if not p.requires_grad]
     assert all(p.grad is None for p in frozen)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_trainable_parameters_freeze_the_projection_head_without_nce(case):
+    expert = build(case)
+    with_nce = {id(p) for p in expert.trainable_parameters(LossConfig(nce=0.5))}
+    without = {id(p) for p in expert.trainable_parameters(LossConfig(nce=0.0))}
+    projector = {id(p) for p in getattr(expert, "projector", nn.Identity()).parameters()}
+    assert without == with_nce - projector and without
+    assert without == {id(p) for p in expert.parameters() if p.requires_grad}  # the rest is frozen
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profile_settings_are_the_ones_each_kind_reads(profile):
+    for name, ecfg in load_config(profile).expert.items():
+        check_expert_config(ecfg, name)
+
+
+@pytest.mark.parametrize("kind,setting", [("convnext", "trainable=layernorm_head"), ("resnet", "score_weights=[1,1,1]"),
+                                          ("dae", "input_filter=srm"), ("mesonet", "model=resnet18"),
+                                          ("forensic", "pretrained=true")])
+def test_a_setting_the_kind_ignores_is_a_config_error(kind, setting):
+    cfg = load_config("cpu", [f"expert.{kind}.{setting}"])
+    key = f"expert.{kind}.{setting.split('=')[0]}"
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        check_expert_config(cfg.expert[kind], kind)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError):
+        create_expert(cfg.expert[kind], SIZE)
 
 
 @pytest.mark.parametrize("kind,model", [("convnext", "test_convnext"), ("efficientnet", "test_efficientnet")])
@@ -261,3 +331,12 @@ def test_cpu_profile_experts_run_at_profile_size(name):
     with torch.no_grad():
         p = expert.predict_proba(torch.rand(1, 3, size, size))
     assert p.shape == (1,)
+
+
+def test_training_stops_on_an_ignored_setting_before_reading_any_data(tmp_path, capsys):
+    from experts import train as experts_train
+
+    assert experts_train.main([str(tmp_path / "no_data"), "expert.resnet.trainable=layernorm_head"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: expert.resnet.trainable: the 'resnet' (= 'timm') expert kind")
+    assert err.count("\n") == 1

@@ -17,9 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from configs import load_config
-from experts import create_expert
+from experts import create_expert, weights
 from experts import train as experts_train
-from experts import weights
 from experts.weights import MANIFEST, WeightsError, load_expert, save_expert
 from helpers import tiny_overrides
 

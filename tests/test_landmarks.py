@@ -10,7 +10,8 @@ import skimage.data
 from configs import FaceConfig
 from data_prep import landmarks as lm
 from data_prep.faces import FaceCropCache
-from data_prep.manipulations import apply_manipulation, soft_face_mask
+from data_prep.manipulations import apply_manipulation
+from data_prep.masks import soft_face_mask
 
 FACE = skimage.data.astronaut()  # a real photograph with one frontal face at about (180-272, 87-178)
 

@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from data_prep.manipulations import (MANIPULATIONS, apply_manipulation, random_manipulation,
-                                     soft_face_mask)
+from data_prep.manipulations import MANIPULATIONS, apply_manipulation, random_manipulation, soft_face_mask
 
 EXPECTED_NAMES = {"self_blend", "splice", "copy_move", "resample", "warp", "color_mismatch", "inpaint"}
 

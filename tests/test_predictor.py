@@ -1,9 +1,9 @@
-"""Detector: test-time augmentation views and the feature columns the stacker sees."""
+"""EnsembleDetector: test-time augmentation views and the feature columns the stacker sees."""
 import pytest
 import torch
 
 from configs import ExpertConfig, FaceConfig
-from ensemble.predictor import Detector, tta_views
+from ensemble.predictor import EnsembleDetector, tta_views
 from experts import create_expert
 
 
@@ -23,12 +23,12 @@ def test_features_with_and_without_tta():
     experts = {"a": create_expert(ExpertConfig(kind="convnext", model="test_convnext"), 32).eval(),
                "b": create_expert(ExpertConfig(kind="resnet", model="test_resnet"), 32).eval()}
     batch = {32: torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)}
-    plain = Detector(experts, FaceConfig(), torch.device("cpu"))
+    plain = EnsembleDetector(experts, FaceConfig(), torch.device("cpu"))
     assert plain.feature_names() == ["a", "b"]
     f = plain.expert_features(batch)
     assert f.shape == (3, 2) and ((f >= 0) & (f <= 1)).all()
 
-    tta = Detector(experts, FaceConfig(), torch.device("cpu"), tta=["hflip", "scale"])
+    tta = EnsembleDetector(experts, FaceConfig(), torch.device("cpu"), tta=["hflip", "scale"])
     assert tta.feature_names() == ["a", "b", "a_tta_spread", "b_tta_spread"]
     g = tta.expert_features(batch)
     assert g.shape == (3, 4) and (g[:, 2:] >= 0).all()

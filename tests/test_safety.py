@@ -11,7 +11,7 @@ import torch
 
 import infer
 from configs import load_config
-from ensemble.predictor import Detector
+from ensemble.predictor import EnsembleDetector
 from experts import create_expert
 from experts.weights import MANIFEST, WeightsError, load_expert, save_expert
 from helpers import tiny_overrides
@@ -39,7 +39,8 @@ def imported_names(tree: ast.AST) -> dict[str, str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                names[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else alias.name.split(".")[0]
+                top = alias.name.split(".")[0]
+                names[alias.asname or top] = alias.name if alias.asname else top
         elif isinstance(node, ast.ImportFrom) and node.module:
             for alias in node.names:
                 names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
@@ -156,7 +157,7 @@ def test_a_stacker_file_outside_the_weights_folder_is_refused(saved_expert, tmp_
     stacker = {"file": "../ensemble.json", "sha256": "0" * 64, "experts": ["convnext"], "tta": []}
     folder = edited_copy(saved_expert, tmp_path, lambda m: m.setdefault("ensemble", {}).update(stacker=stacker))
     with pytest.raises(WeightsError, match=r"ensemble file '\.\./ensemble\.json' is outside"):
-        Detector.from_weights(folder, device="cpu")
+        EnsembleDetector.from_weights(folder, device="cpu")
 
 
 def test_infer_reports_an_escaping_manifest_in_one_line(saved_expert, tmp_path, capsys):

@@ -3,7 +3,9 @@ import json
 import numpy as np
 import pytest
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from ensemble.stacking import (
     LeakageError,
@@ -69,10 +71,29 @@ def test_auto_picks_a_method_and_records_cv_auc(train_test):
 
 
 def test_feature_names_param_is_stored(train_test):
+    """The expert of each column, recorded with the state; `feature_names_in_` stays what
+    scikit-learn makes it: a DataFrame's column names, absent for an array."""
     X_train, y_train, _, _ = train_test
-    model = StackingEnsemble(method="mean", feature_names=["xception", "clip", "tta_spread"])
-    assert model.fit(X_train, y_train).feature_names_in_ == ["xception", "clip", "tta_spread"]
-    assert StackingEnsemble(method="mean").fit(X_train, y_train).feature_names_in_ is None
+    model = StackingEnsemble(method="mean", feature_names=["xception", "clip", "tta_spread"]).fit(X_train, y_train)
+    assert model.to_state()["params"]["feature_names"] == ["xception", "clip", "tta_spread"]
+    assert not hasattr(model, "feature_names_in_")
+    with pytest.raises(ValueError, match="2 feature names for 3 columns"):
+        StackingEnsemble(method="mean", feature_names=["a", "b"]).fit(X_train, y_train)
+
+
+@parametrize_with_checks([StackingEnsemble()])  # 'auto': every combiner is fitted inside
+def test_passes_scikit_learns_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def test_unfitted_use_raises_sklearns_not_fitted_error(train_test):
+    _, _, X_test, _ = train_test
+    with pytest.raises(NotFittedError):
+        StackingEnsemble().predict_proba(X_test)
+    with pytest.raises(NotFittedError):
+        StackingEnsemble().predict(X_test)
+    with pytest.raises(NotFittedError):
+        StackingEnsemble().to_state()
 
 
 def test_is_a_well_behaved_sklearn_estimator(train_test):
@@ -90,7 +111,7 @@ def test_rejects_bad_input(train_test):
     with pytest.raises(ValueError, match="both labels"):
         StackingEnsemble().fit(X_train, np.ones(len(X_train)))
     model = StackingEnsemble(method="mean").fit(X_train, y_train)
-    with pytest.raises(ValueError, match="columns"):
+    with pytest.raises(ValueError, match="X has 2 features, but StackingEnsemble is expecting 3"):
         model.predict_proba(X_train[:, :2])
 
 
@@ -115,8 +136,21 @@ def test_state_round_trip_through_json_is_exact(train_test, method):
     assert np.array_equal(restored.predict_proba(X_test), model.predict_proba(X_test))
     assert restored.method_ == model.method_
     assert restored.cv_auc_ == model.cv_auc_
-    assert restored.feature_names_in_ == ["a", "b", "c"]
-    assert restored.get_params() == model.get_params()
+    assert restored.get_params() == model.get_params() and restored.feature_names == ["a", "b", "c"]
+    assert np.array_equal(restored.predict(X_test), model.predict(X_test))
+
+
+def test_a_state_written_before_the_sklearn_conventions_still_loads(train_test):
+    """Older ensemble.json files repeat the feature names as `feature_names_in_` and have no
+    `classes_`: they load, and predict as they did."""
+    X_train, y_train, X_test, _ = train_test
+    model = StackingEnsemble(method="logreg", feature_names=["a", "b", "c"]).fit(X_train, y_train)
+    state = json.loads(json.dumps(model.to_state()))
+    state["feature_names_in_"] = ["a", "b", "c"]
+    del state["classes_"]
+    restored = StackingEnsemble.from_state(state)
+    assert not hasattr(restored, "feature_names_in_") and restored.classes_.tolist() == [0, 1]
+    assert np.array_equal(restored.predict_proba(X_test), model.predict_proba(X_test))
 
 
 def test_from_state_rejects_foreign_state():

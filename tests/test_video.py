@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 
 from data_prep import video
-from data_prep.video import (VideoDecodeError, VideoLabelError, aggregate_frame_scores,
-                             frame_indices, is_video_file, read_video_labels, sample_frames,
-                             video_frames_dataset)
+from data_prep.video import (
+    VideoDecodeError,
+    VideoLabelError,
+    aggregate_frame_scores,
+    frame_indices,
+    is_video_file,
+    read_video_labels,
+    sample_frames,
+)
 
 N_FRAMES, WIDTH, HEIGHT = 40, 64, 48
 BITS, STRIPE = 6, 10  # the frame index, written as 6 black/white stripes 10 px wide
@@ -111,15 +117,15 @@ def write_labels(root, text):
     (root / "labels.csv").write_text(text)
 
 
-def test_read_video_labels_and_dataset(tmp_path):
+def test_read_video_labels(tmp_path):
     write_video(tmp_path / "a.mp4")
     write_video(tmp_path / "b.mp4", n_frames=10)
     write_labels(tmp_path, "video_name,target\na.mp4,1\n\nb.mp4,0\n")
     assert read_video_labels(tmp_path) == [("a.mp4", 1), ("b.mp4", 0)]
-    samples = video_frames_dataset(tmp_path, n_frames=2)
-    assert [(name, index, target) for name, index, _, target in samples] == [
-        ("a.mp4", 10, 1), ("a.mp4", 30, 1), ("b.mp4", 2, 0), ("b.mp4", 7, 0)]
-    assert all(read_index(frame) == index for _, index, frame, _ in samples)
+    frames = {name: sample_frames(tmp_path / name, 2) for name in ("a.mp4", "b.mp4")}
+    assert {name: [index for index, _ in pairs] for name, pairs in frames.items()} == {"a.mp4": [10, 30],
+                                                                                      "b.mp4": [2, 7]}
+    assert all(read_index(frame) == index for pairs in frames.values() for index, frame in pairs)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -1,6 +1,6 @@
 """Offline editing fakes: add `per_real` manipulated copies of every real image of a split.
 
-    python -m data_prep.augment DATA_ROOT --out OUT [--split trainset] [--per-real 1]
+    python -m data_prep.make_fakes DATA_ROOT --out OUT [--split trainset] [--per-real 1]
                                 [--seed 0] [--ops self_blend,splice,...]
 
 OUT becomes a complete data root of its own:
@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from common.cli import CommandLine, entry_point
 from common.errors import OutputExistsError, UsageError
-from data_prep.dataset import read_label_file, write_label_file
 from data_prep.images import JPEG_QUALITY_RANGE, ImageDecodeError, decode_image, encode_jpeg
+from data_prep.labels import label_path, read_label_file, write_label_file
 from data_prep.manipulations import MANIPULATIONS, apply_manipulation, check_names
 
 
-def augment_split(data_root, out, split="trainset", per_real=1, seed=0, ops=None) -> dict:
+def add_editing_fakes(data_root, out, split="trainset", per_real=1, seed=0, ops=None) -> dict:
     """Write OUT as described in the module docstring; returns a summary dict."""
     data_root, out = Path(data_root), Path(out)
     if out.resolve() == data_root.resolve():
@@ -45,8 +45,8 @@ def augment_split(data_root, out, split="trainset", per_real=1, seed=0, ops=None
     if per_real < 1:
         raise UsageError(f"per_real must be at least 1, got {per_real}")
     ops = check_names(list(MANIPULATIONS) if ops is None else ops)
-    rows = list(read_label_file(data_root / f"{split}_label.txt").items())
-    for stale in (out / split, out / f"{split}_masks", out / f"{split}_label.txt"):
+    rows = list(read_label_file(label_path(data_root, split)).items())
+    for stale in (out / split, out / f"{split}_masks", label_path(out, split)):
         # Refuse rather than mix: leftovers of an earlier run would be unlabelled images.
         if stale.exists():
             raise OutputExistsError(f"{stale}: already exists; delete it or choose another --out")
@@ -54,7 +54,7 @@ def augment_split(data_root, out, split="trainset", per_real=1, seed=0, ops=None
     _link_other_entries(data_root, out, split)
     kept_rows, missing = _link_split_images(rows, data_root / split, out / split)
     fake_rows, summary = _make_fakes(kept_rows, data_root / split, out, split, per_real, seed, ops)
-    write_label_file(out / f"{split}_label.txt", kept_rows + fake_rows)
+    write_label_file(label_path(out, split), kept_rows + fake_rows)
     summary.update(split=split, original_rows=len(kept_rows), missing=missing, out=str(out))
     return summary
 
@@ -74,9 +74,9 @@ def _link_or_copy(src, dst) -> None:
 
 
 def _link_other_entries(data_root: Path, out: Path, split: str) -> None:
-    """Everything in data_root except the augmented split goes to out unchanged."""
+    """Everything in data_root except the split that gets the fakes goes to out unchanged."""
     out.mkdir(parents=True, exist_ok=True)
-    own = {split, f"{split}_label.txt", f"{split}_masks"}
+    own = {split, label_path(out, split).name, f"{split}_masks"}
     for entry in sorted(data_root.iterdir()):
         if entry.name in own or entry.resolve() == out.resolve():
             continue
@@ -107,7 +107,7 @@ def _make_fakes(rows, source_dir: Path, out: Path, split: str, per_real: int, se
     reals = [name for name, target in rows if target == 0]
     taken = {name for name, _ in rows}
     fake_rows, op_counts, broken = [], Counter(), 0
-    for index, name in enumerate(tqdm(reals, desc=f"augment {split}", unit="img")):
+    for index, name in enumerate(tqdm(reals, desc=f"editing fakes {split}", unit="img")):
         try:
             image = decode_image(source_dir / name)
         except ImageDecodeError as exc:
@@ -167,7 +167,7 @@ def _warn(message: str) -> None:
 
 @entry_point
 def main(argv=None) -> int:
-    parser = CommandLine("python -m data_prep.augment", __doc__, config=False)
+    parser = CommandLine("python -m data_prep.make_fakes", __doc__, config=False)
     parser.add_argument("data_root")
     parser.add_argument("--out", required=True, help="output data root (created)")
     parser.add_argument("--split", default="trainset")
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default="", help=f"comma list; default all: {','.join(MANIPULATIONS)}")
     args = parser.parse_args(argv)
     ops = [op.strip() for op in args.ops.split(",") if op.strip()] or None
-    summary = augment_split(args.data_root, args.out, args.split, args.per_real, args.seed, ops)
+    summary = add_editing_fakes(args.data_root, args.out, args.split, args.per_real, args.seed, ops)
     print(f"{summary['out']}: {args.split}: {summary['original_rows']} original rows, "
           f"{summary['fakes']} fakes from {summary['reals']} reals "
           f"({summary['broken']} broken, {summary['missing']} missing); ops {summary['ops']}")

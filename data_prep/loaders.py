@@ -1,0 +1,156 @@
+"""What the trainer feeds the experts: torch datasets, the epoch sampler and the loaders of face crops.
+
+    crops = FaceCropCache(cfg.face, cfg.data.cache_dir)
+    samples = cache_face_crops(samples, crops, num_workers=0, show=False)   # drops unreadable files
+    train_set = FaceCropDataset(samples, crops, 128, cfg, train=True)
+    sampler = EpochSampler([s.target for s in samples], balanced=True, seed=cfg.seed)
+    loader = make_loader(train_set, cfg, sampler)
+
+Determinism: every random choice about sample i of epoch e (sample order, augmentations,
+online editing fakes, patches) is drawn from its own stream seeded from (seed, e, i), so a
+resumed run, or one with another worker count, draws exactly what the uninterrupted run drew.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from common.runtime import sample_seed
+from configs import Config
+from data_prep.dataset import Sample
+from data_prep.faces import FaceCropCache
+from data_prep.images import ImageDecodeError
+from data_prep.transforms import crop_to_tensor, resize_square, to_tensor, train_augmentations
+
+log = logging.getLogger("train")
+
+# Seed-stream tags, apart from any epoch number: the sampler's order and the paired fakes.
+SAMPLER_STREAM = 1 << 20
+PAIRED_FAKE_STREAM = 1 << 21
+
+
+def cache_face_crops(samples: list[Sample], crops: FaceCropCache, num_workers: int, show: bool) -> list[Sample]:
+    """Decode and face-crop every image once (filling the cache); broken files are skipped
+    with a one-line warning each and counted, never stopping the run."""
+    loader = DataLoader(_CropProbe(samples, crops), batch_size=None, num_workers=num_workers)
+    kept, broken = [], []
+    for index, error in tqdm(loader, total=len(samples), desc="face crops", disable=not show, leave=False):
+        if error:
+            broken.append(error)
+            log.warning("skipped %s", error)
+        else:
+            kept.append(samples[index])
+    if broken:
+        log.warning("%d of %d images could not be read and were skipped", len(broken), len(samples))
+    return kept
+
+
+class _CropProbe(Dataset):
+    """(index, error message or "") per sample, loading its face crop into the cache."""
+
+    def __init__(self, samples, crops):
+        self.samples, self.crops = samples, crops
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        try:
+            self.crops.load(self.samples[i].path)
+            return i, ""
+        except ImageDecodeError as err:
+            return i, str(err)
+
+
+class FaceCropDataset(Dataset):
+    """(uint8 tensor 3 x S x S, label). Training: augmentations and, with probability
+    `online_fakes` (cfg.data.online_fakes unless given), a real turned into an editing fake
+    (label 1) on the fly; `online_fakes=0.0` for an expert that must never see a fake."""
+
+    def __init__(self, samples, crops: FaceCropCache, size: int, cfg: Config, train: bool,
+                 paired_fakes: bool = False, patch_size: int = 0, online_fakes: float | None = None):
+        self.samples, self.crops, self.size, self.train = samples, crops, size, train
+        # paired_fakes (evaluation of a reals-only split): after the n samples come n editing
+        # fakes, one made from each real with a fixed seed, so every epoch sees the same ones.
+        self.paired = paired_fakes
+        self.seed, self.epoch = cfg.seed, 0
+        self.augment = train_augmentations(cfg.augment, size) if train else None
+        self.online_fakes = (cfg.data.online_fakes if online_fakes is None else online_fakes) if train else 0.0
+        self.fake_ops = cfg.data.online_fake_ops or None
+        self.fake_masks = cfg.data.fake_masks
+        self.real_indices = [i for i, s in enumerate(samples) if s.target == 0]
+        self.margin = cfg.face.margin
+        self.patch = patch_size if train and 0 < patch_size < size else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.samples) * (2 if self.paired else 1)
+
+    def __getitem__(self, i):
+        if i >= len(self.samples):  # a paired fake
+            i -= len(self.samples)
+            rng = np.random.default_rng(sample_seed(self.seed, PAIRED_FAKE_STREAM, i))
+            image, target = self.make_fake(i, self.crops.load(self.samples[i].path), rng)
+            return crop_to_tensor(image, self.size), target
+        sample = self.samples[i]
+        image, target = self.crops.load(sample.path), sample.target
+        if self.train:
+            rng = np.random.default_rng(sample_seed(self.seed, self.epoch, i))
+            if target == 0 and self.online_fakes > 0 and rng.random() < self.online_fakes:
+                image, target = self.make_fake(i, image, rng)
+            self.augment.set_random_seed(int(rng.integers(2**31)))
+            image = resize_square(self.augment(image=image)["image"], self.size)
+            if self.patch:  # a native-resolution patch; evaluation sees the whole input
+                y0, x0 = rng.integers(0, self.size - self.patch + 1, size=2)
+                image = image[y0:y0 + self.patch, x0:x0 + self.patch]
+            return to_tensor(image), target
+        return crop_to_tensor(image, self.size), target
+
+    def make_fake(self, i, image, rng):
+        from data_prep.manipulations import fake_from_face_crop
+        donor = self.crops.load(self.samples[int(rng.choice(self.real_indices))].path)
+        points = self.crops.landmarks(self.samples[i].path) if self.fake_masks == "landmarks" else None
+        fake, _mask, _name = fake_from_face_crop(image, rng, donor, self.margin, self.fake_ops, points)
+        return fake, 1
+
+
+class EpochSampler(Sampler):
+    """Seeded per epoch, sharded by rank. Class-balanced: draws with replacement so each
+    class is seen equally often; else a permutation."""
+
+    def __init__(self, targets, balanced: bool, seed: int, rank=0, world=1):
+        self.targets = np.asarray(targets)
+        self.balanced, self.seed, self.rank, self.world = balanced, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.targets) // self.world
+
+    def __iter__(self):
+        g = np.random.default_rng(sample_seed(self.seed, self.epoch, SAMPLER_STREAM))
+        n = len(self.targets)
+        if self.balanced and len(np.unique(self.targets)) > 1:
+            counts = np.bincount(self.targets)
+            weights = 1.0 / counts[self.targets]
+            order = g.choice(n, size=n, replace=True, p=weights / weights.sum())
+        else:
+            order = g.permutation(n)
+        return iter(order[self.rank::self.world][: len(self)].tolist())
+
+
+def make_loader(dataset, cfg: Config, sampler=None, batch_size=None, shuffle=False):
+    """A DataLoader with the config's batch size and workers; with a sampler (training) the
+    last, incomplete batch is dropped."""
+    return DataLoader(dataset, batch_size=batch_size or cfg.train.batch_size, sampler=sampler,
+                      shuffle=shuffle, num_workers=cfg.data.num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=sampler is not None,
+                      persistent_workers=False)

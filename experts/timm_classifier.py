@@ -1,0 +1,72 @@
+"""The generic timm classifier expert: any timm model as a backbone, a linear or MLP head.
+
+    expert:
+      xception:                      # a new expert is a YAML section, no code:
+        kind: timm
+        model: xception41            # any timm model name (timm.list_models())
+        pretrained: true             # or pretrained_file: PATH
+        input_filter: srm            # optional: SRM noise-residual channels beside RGB
+
+The kinds `convnext`, `efficientnet` and `resnet` are aliases of `timm` (they were one class
+each, differing only in how the Grad-CAM layer was guessed), so the configs and manifests
+that name them build this class. Grad-CAM explains the output of the backbone's last feature
+stage, as the model's own `feature_info` names it, whatever the architecture.
+
+The cpu profile's workhorse is one of these: `resnet10t` on RGB + SRM residuals, which
+trained from random initialisation on a few thousand faces learns face-swap traces within a
+few epochs, where ConvNeXt and EfficientNet from scratch barely move (README, "Choosing the
+cpu experts").
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from common.inputs import IMAGENET_MEAN, IMAGENET_STD
+from configs import ExpertConfig
+from experts.base import (
+    FeatureClassifier,
+    NoiseResiduals,
+    check_input_filter,
+    create_backbone,
+    make_mlp,
+    register_expert,
+)
+
+TIMM_FIELDS = frozenset({"model", "pretrained", "pretrained_file", "input_filter", "head_layers", "embed_dim",
+                         "drop_rate"})
+
+
+@register_expert("timm", aliases=("convnext", "efficientnet", "resnet"))
+class TimmClassifier(FeatureClassifier):
+    """timm backbone -> pooled features -> linear/MLP head (2 logits), plus a projection
+    head whose L2-normalised output feeds the supervised contrastive loss. Every parameter
+    is trained. `input_filter: srm` appends 3 noise-residual channels to the normalised RGB."""
+
+    config_fields = TIMM_FIELDS
+
+    def __init__(self, cfg: ExpertConfig, image_size: int, **backbone_kwargs):
+        in_chans = check_input_filter(cfg)
+        backbone = create_backbone(cfg, drop_rate=cfg.drop_rate, in_chans=in_chans, **backbone_kwargs)
+        data_cfg = backbone.pretrained_cfg or {}
+        super().__init__(cfg, image_size, data_cfg.get("mean", IMAGENET_MEAN), data_cfg.get("std", IMAGENET_STD))
+        self.residuals = NoiseResiduals() if cfg.input_filter == "srm" else None
+        self.backbone = backbone
+        width = backbone.num_features
+        self.head = make_mlp(width, 2, cfg.head_layers)
+        self.projector = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.embed_dim))
+
+    def features(self, x):
+        return self.backbone(self.network_input(x))
+
+    def gradcam_layer(self) -> nn.Module | None:
+        """The module of the backbone's last feature stage in timm's `feature_info` (e.g.
+        `stages.3` of a ConvNeXt, `layer4` of a ResNet, `blocks.6` of an EfficientNet)."""
+        return last_feature_stage(self.backbone)
+
+
+def last_feature_stage(backbone: nn.Module) -> nn.Module | None:
+    info = getattr(backbone, "feature_info", None)
+    if not info:
+        return None
+    last = info[-1] if isinstance(info, list) else info.get_dicts()[-1]  # a list, or timm's FeatureInfo
+    return backbone.get_submodule(last["module"])

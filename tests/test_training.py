@@ -1,0 +1,241 @@
+"""The trainer beyond the round trip: exact resume, every expert kind through the one loop,
+patches and paired fakes, cluster folds, reals-only experts and data.extra_reals, bf16."""
+import json
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_prep.loaders import FaceCropDataset
+from experts import train as experts_train
+from experts.weights import MANIFEST, load_expert
+from helpers import cpu_run_overrides, tiny_overrides
+
+# ---------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("extra", [[], ["train.grad_accum=3"]], ids=["plain", "grad_accum3"])
+def test_resume_equals_uninterrupted(demo_root, tmp_path, crop_cache, extra):
+    """4 batches per epoch; with grad_accum=3 an epoch ends inside an accumulation window."""
+    common = ["experts=convnext", "train.epochs=3", "data.num_workers=0"] + extra
+    run_a = tiny_overrides(tmp_path / "a", epochs=3, cache_dir=crop_cache) + common
+    run_b = tiny_overrides(tmp_path / "b", epochs=3, cache_dir=crop_cache) + common
+    assert experts_train.main([str(demo_root)] + run_a) == 0
+
+    original = experts_train.save_checkpoint
+    calls = []
+
+    def interrupted_after_epoch_2(*args, **kwargs):
+        original(*args, **kwargs)
+        calls.append(args[1])  # epoch (0-based)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption after epoch 2")
+
+    with mock.patch.object(experts_train, "save_checkpoint", side_effect=interrupted_after_epoch_2):
+        with pytest.raises(KeyboardInterrupt):
+            experts_train.main([str(demo_root)] + run_b)
+    assert calls == [0, 1]
+    assert not (tmp_path / "b" / "weights" / "convnext.safetensors").exists()
+    ck = torch.load(tmp_path / "b" / "runs" / "convnext" / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 1
+
+    assert experts_train.main([str(demo_root)] + run_b + ["resume=true"]) == 0
+    a = load_file(str(tmp_path / "a" / "weights" / "convnext.safetensors"))
+    b = load_file(str(tmp_path / "b" / "weights" / "convnext.safetensors"))
+    assert set(a) == set(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"resumed run exports different weights: {different[:5]}"
+    # the whole state after the last epoch, not only the (possibly earlier) best EMA weights
+    ck_a = torch.load(tmp_path / "a" / "runs" / "convnext" / "checkpoint.pt", weights_only=True)
+    ck_b = torch.load(tmp_path / "b" / "runs" / "convnext" / "checkpoint.pt", weights_only=True)
+    raw_diff = [k for k in ck_a["model"] if not torch.equal(ck_a["model"][k], ck_b["model"][k])]
+    assert not raw_diff, f"resumed run ends with different raw weights: {raw_diff[:5]}"
+    shadow_a, shadow_b = ck_a["ema"]["shadow_params"], ck_b["ema"]["shadow_params"]
+    assert all(torch.equal(x, y) for x, y in zip(shadow_a, shadow_b)), "EMA weights differ"
+    ha = json.loads((tmp_path / "a" / "runs" / "convnext" / "metrics.json").read_text())
+    hb = json.loads((tmp_path / "b" / "runs" / "convnext" / "metrics.json").read_text())
+    assert [r["epoch"] for r in hb] == [1, 2, 3]
+    for ra, rb in zip(ha, hb):
+        for key in ("train_loss", "val_auc", "val_auc_ema", "lr"):
+            assert ra[key] == rb[key], (ra["epoch"], key)
+
+    # resuming a finished run trains nothing more and exports the same weights again
+    with mock.patch.object(experts_train, "save_checkpoint", side_effect=AssertionError("trained again")):
+        assert experts_train.main([str(demo_root)] + run_b + ["resume=true"]) == 0
+    c = load_file(str(tmp_path / "b" / "weights" / "convnext.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_other_experts_train_export_and_reload(demo_root, tmp_path, crop_cache):
+    """efficientnet and clip (cpu recipe: trainable=all) through the same trainer, one epoch;
+    the reloaded expert predicts exactly what the trainer validated."""
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="efficientnet,clip", cache_dir=crop_cache)
+    assert experts_train.main([str(demo_root)] + overrides) == 0
+    manifest = json.loads((tmp_path / "weights" / MANIFEST).read_text())
+    assert set(manifest["experts"]) == {"efficientnet", "clip"}
+    from data_prep.dataset import load_splits
+    from ensemble.predictor import EnsembleDetector, score_samples
+    val = load_splits(demo_root)["valset"]
+    for name in ("efficientnet", "clip"):
+        detector = EnsembleDetector.from_weights(tmp_path / "weights", [name], device="cpu")
+        p, _, errors = score_samples(detector, [s.path for s in val])
+        assert not errors
+        saved = json.loads((tmp_path / "runs" / name / "val_scores.json").read_text())
+        np.testing.assert_allclose(p, [saved[s.name] for s in val], atol=1e-5)
+
+
+def test_native_resolution_experts_patches_and_landmark_fakes(demo_root, tmp_path, crop_cache):
+    """mesonet and forensic, a resnet trained on patches and evaluated on whole crops, and
+    editing fakes blended along dlib landmarks: all through the one trainer, reloaded exact."""
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="mesonet,forensic,resnet", cache_dir=crop_cache)
+    overrides += ["expert.resnet.patch_size=32", "data.online_fakes=0.5", "data.fake_masks=landmarks"]
+    assert experts_train.main([str(demo_root)] + overrides) == 0
+    from data_prep.dataset import load_splits
+    from ensemble.predictor import EnsembleDetector, score_samples
+    val = load_splits(demo_root)["valset"]
+    for name in ("mesonet", "forensic", "resnet"):
+        detector = EnsembleDetector.from_weights(tmp_path / "weights", [name], device="cpu")
+        p, _, errors = score_samples(detector, [s.path for s in val])
+        assert not errors
+        saved = json.loads((tmp_path / "runs" / name / "val_scores.json").read_text())
+        np.testing.assert_allclose(p, [saved[s.name] for s in val], atol=1e-5)
+    assert list(crop_cache.glob("faces_*/*.landmarks.npy"))  # landmarks were fitted and cached
+
+
+def test_patch_dataset_crops_only_in_training(demo_root):
+    from configs import load_config
+    from data_prep.dataset import load_splits
+    from data_prep.faces import FaceCropCache
+
+    cfg = load_config("cpu", ["face.crop_size=48", "data.cache_dir="])
+    samples = load_splits(demo_root)["trainset"][:4]
+    crops = FaceCropCache(cfg.face, None)
+    train = FaceCropDataset(samples, crops, 40, cfg, train=True, patch_size=24)
+    val = FaceCropDataset(samples, crops, 40, cfg, train=False)
+    assert train[0][0].shape == (3, 24, 24) and val[0][0].shape == (3, 40, 40)
+
+
+def test_reals_only_valset_is_paired_with_fixed_editing_fakes(demo_root):
+    from configs import load_config
+    from data_prep.dataset import load_splits
+    from data_prep.faces import FaceCropCache
+
+    cfg = load_config("cpu", ["face.crop_size=48", "data.cache_dir="])
+    reals = [s for s in load_splits(demo_root)["valset"] if s.target == 0][:3]
+    ds = FaceCropDataset(reals, FaceCropCache(cfg.face, None), 48, cfg, train=False,
+                                       paired_fakes=True)
+    assert len(ds) == 6 and [ds[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(ds[4][0], ds[4][0]) and not torch.equal(ds[1][0], ds[4][0])
+
+
+def test_training_on_a_cluster_fold(demo_root, tmp_path, crop_cache):
+    from data_prep.dataset import load_splits
+    from data_prep.folds import fold_samples, random_folds, write_folds
+
+    splits = load_splits(demo_root)
+    pool = splits["trainset"] + splits["valset"]
+    names, targets = [s.name for s in pool], np.array([s.target for s in pool])
+    folds_csv = write_folds(tmp_path / "folds", names, targets, random_folds(names, targets, 3, seed=0))
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="convnext", cache_dir=crop_cache)
+    assert experts_train.main([str(demo_root), *overrides, f"data.folds_csv={folds_csv}", "data.fold=1"]) == 0
+
+    manifest = json.loads((tmp_path / "weights" / MANIFEST).read_text())
+    assert list(manifest["experts"]) == ["convnext_fold1"]
+    train, val = fold_samples(pool, folds_csv, 1)
+    data = manifest["experts"]["convnext_fold1"]["training"]["data"]
+    assert data["valset"]["n"] == len(val) and data["trainset"]["n"] == len(train)
+    assert not {s.name for s in train} & {s.name for s in val}
+
+
+def test_real_only_expert_never_sees_an_editing_fake(demo_root, tmp_path, crop_cache, monkeypatch):
+    from experts.dae import DenoisingAutoencoderExpert
+
+    seen = []
+    original = DenoisingAutoencoderExpert.training_loss
+
+    def recording(self, x, y, loss_cfg):
+        seen.extend(y.tolist())
+        return original(self, x, y, loss_cfg)
+
+    monkeypatch.setattr(DenoisingAutoencoderExpert, "training_loss", recording)
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="dae", cache_dir=crop_cache)
+    assert experts_train.main([str(demo_root), *overrides, "data.online_fakes=1.0"]) == 0
+    assert seen and set(seen) == {0}
+
+
+def test_real_only_expert_also_trains_on_extra_reals(demo_root, tmp_path, crop_cache, monkeypatch):
+    from experts.dae import DenoisingAutoencoderExpert
+
+    extra = tmp_path / "more_reals"
+    extra.mkdir()
+    for i, path in enumerate(sorted((demo_root / "valset").iterdir())[:12]):
+        (extra / f"extra_{i}{path.suffix}").write_bytes(path.read_bytes())
+    seen = []
+    original = DenoisingAutoencoderExpert.training_loss
+
+    def recording(self, x, y, loss_cfg):
+        seen.append(len(y))
+        return original(self, x, y, loss_cfg)
+
+    monkeypatch.setattr(DenoisingAutoencoderExpert, "training_loss", recording)
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="dae", cache_dir=crop_cache)
+    assert experts_train.main([str(demo_root), *overrides]) == 0
+    alone = sum(seen)
+    seen.clear()
+    assert experts_train.main([str(demo_root), *overrides, f"data.extra_reals=[{extra}]"]) == 0
+    batch_size = int(next(o for o in overrides if o.startswith("train.batch_size=")).split("=")[1])
+    assert sum(seen) >= alone + 12 - batch_size  # every extra real, up to the dropped last batch
+
+
+def test_extra_reals_entry_must_hold_reals(tmp_path):
+    from data_prep.dataset import DataLayoutError, read_extra_reals
+
+    with pytest.raises(DataLayoutError, match="not a directory"):
+        read_extra_reals(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataLayoutError, match="no real images"):
+        read_extra_reals(tmp_path / "empty")
+
+
+def test_training_with_bf16_autocast_on_cpu(demo_root, tmp_path, crop_cache):
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="convnext", cache_dir=crop_cache)
+    assert experts_train.main([str(demo_root), *overrides, "train.amp=bf16"]) == 0
+    state = load_file(str(tmp_path / "weights" / "convnext.safetensors"))
+    assert all(torch.isfinite(t.float()).all() for t in state.values())
+
+
+def test_a_new_timm_backbone_is_a_yaml_change(demo_root, tmp_path, crop_cache):
+    """An expert the code has never heard of, defined in a profile file alone (kind `timm`,
+    any timm model: here timm's tiny ByobNet), trains, exports, reloads to the scores the
+    trainer validated, and has its Grad-CAM layer, looked up in timm's feature_info."""
+    from data_prep.dataset import load_splits
+    from ensemble.gradcam import grad_cam
+    from ensemble.predictor import EnsembleDetector, score_samples
+
+    profile = tmp_path / "mine.yaml"
+    profile.write_text("experts: [byob]\n"
+                       "expert:\n"
+                       "  byob:\n"
+                       "    kind: timm\n"
+                       "    model: test_byobnet\n"
+                       "    input_filter: srm\n")
+    overrides = cpu_run_overrides(tmp_path, crop_cache) + ["data.image_size=64", "face.crop_size=80",
+                                                          "train.batch_size=16", "train.epochs=1"]
+    assert experts_train.main([str(demo_root), f"profile={profile}", *overrides]) == 0
+
+    manifest = json.loads((tmp_path / "weights" / MANIFEST).read_text())
+    assert manifest["experts"]["byob"]["kind"] == "timm"
+    val = load_splits(demo_root)["valset"]
+    detector = EnsembleDetector.from_weights(tmp_path / "weights", ["byob"], device="cpu")
+    p, _, errors = score_samples(detector, [s.path for s in val])
+    saved = json.loads((tmp_path / "runs" / "byob" / "val_scores.json").read_text())
+    assert not errors
+    np.testing.assert_allclose(p, [saved[s.name] for s in val], atol=1e-5)
+
+    expert, _ = load_expert(tmp_path / "weights", "byob")
+    layer = expert.gradcam_layer()
+    assert layer is expert.backbone.get_submodule(expert.backbone.feature_info[-1]["module"])
+    heatmaps = grad_cam(expert, layer, torch.rand(2, 3, 64, 64), class_index=1)
+    assert heatmaps.shape == (2, 64, 64) and np.isfinite(heatmaps).all()
+
