@@ -8,16 +8,20 @@
                                                     # the experts run by onnxruntime, from the export
                                                     # of `python -m experts.export_onnx --out onnx`
 
-Inputs: files, folders (their image and video files, sorted by name; other files are
-ignored) and glob patterns. A video is scored by sampling `--frames` frames evenly,
-face-cropping and scoring each, and aggregating (`--video-rule`).
+Inputs: files, folders and glob patterns. In a folder, every entry named like an image or a
+video is an input, whatever it turns out to be (a dangling link, a folder called x.jpg); other
+files are ignored; subfolders are scored with `--recursive` (img_name = the path relative to
+the folder), else counted in a warning. A video is scored by sampling `--frames` frames
+evenly, face-cropping and scoring each, and aggregating (`--video-rule`).
 
 A file that cannot be read gets a warning naming it and the reason; in a CSV it still gets
 a row with y_pred 0.5 and a line in `out.csv.errors`, so one broken image never sinks a
 submission. `--strict` stops at the first such file instead.
 
 Exit status: 0 = every input scored (or, with --csv, the CSV written); 1 = some input could
-not be read (without --csv) or --strict met one; 2 = usage error or no trained weights.
+not be read (without --csv) or --strict met one; 2 = usage error, no trained weights, or the
+CSV cannot be written (a full disk); 130 / 143 = interrupted by SIGINT / SIGTERM. The CSV is
+written atomically: complete or not at all, a previous one at that path left as it was.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole recipe, from a labelled folder to a submission:
 #
-#   bash train.sh [DATA_ROOT] [profile=cpu|gpu] [key=value ...]
+#   bash train.sh [DATA_ROOT] [profile=cpu|gpu | --profile cpu|gpu] [key=value ...]
 #
 # With no DATA_ROOT it builds the demo data set (data_prep.demo) and trains on it.
 # Writes inference-ready weights into weights/ (or out=DIR), reports into reports/ (or
@@ -13,11 +13,15 @@ cd "$(dirname "$0")"
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 
 DATA_ROOT=""
-if [[ $# -gt 0 && "$1" != *=* ]]; then DATA_ROOT="$1"; shift; fi
+if [[ $# -gt 0 && "$1" != *=* && "$1" != -* ]]; then DATA_ROOT="$1"; shift; fi
 ARGS=("$@")
-setting() {  # the value of key=... among the arguments, else the default
-  local key="$1" default="$2" arg
-  for arg in "${ARGS[@]}"; do [[ "$arg" == "$key="* ]] && default="${arg#*=}"; done
+setting() {  # the value of key=VALUE (or --key VALUE, --key=VALUE) among the arguments, else the default
+  local key="$1" default="$2" previous="" arg
+  for arg in "${ARGS[@]}"; do
+    [[ "$arg" == "$key="* || "$arg" == "--$key="* ]] && default="${arg#*=}"
+    [[ "$previous" == "--$key" ]] && default="$arg"
+    previous="$arg"
+  done
   echo "$default"
 }
 OUT=$(setting out weights)

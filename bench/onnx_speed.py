@@ -22,18 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as `python bench/onnx_speed.py`
-    sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from bench.speed import ContentionMonitor  # noqa: E402
-from common.cli import CommandLine, entry_point  # noqa: E402
-from common.errors import UsageError  # noqa: E402
-from configs import config_from  # noqa: E402
-from experts import create_expert  # noqa: E402
-from experts.export_onnx import INPUT_NAME, import_optional, onnx_bytes  # noqa: E402
+from bench.speed import ContentionMonitor
+from common.cli import CommandLine, entry_point
+from common.errors import UsageError
+from configs import config_from
+from experts import create_expert
+from experts.export_onnx import INPUT_NAME, import_optional, onnx_bytes
 
 
 def median_seconds(run, repeats: int) -> float:

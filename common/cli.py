@@ -3,16 +3,17 @@
     python -m experts.train DATA_ROOT [--profile NAME | profile=NAME] [key=value ...] [--flags]
 
 Every entry point (`experts.train`, `ensemble.fit`, `ensemble.evaluate`, `data_prep.*`,
-`experts.cluster_split`, `experts.check_pretrained`, `bench/*.py`, `infer.py`) parses its
-arguments with `CommandLine` and is wrapped by `entry_point`:
+`experts.cluster_split`, `experts.check_pretrained`, `experts.export_onnx`, `bench/*.py`,
+`infer.py`) parses its arguments with `CommandLine` and is wrapped by `entry_point`:
 
 * `--help` prints the command's docstring and its flags, and exits with status 0;
 * a command that reads the config takes the profile as `--profile NAME` or `profile=NAME`,
   and `key=value` overrides (see `configs.load_config`), in any order, before or after its
   flags and its positional argument (the data root, for most);
 * a bad argument, and every known error (`common.errors.UserError`: data layout, label file,
-  config, weights, missing file), ends the command with one line on stderr,
-  `error: <message>`, and exit status 2. Any other exception is a bug: it keeps its traceback.
+  config, weights, missing file, an output that cannot be written), ends the command with one
+  line on stderr, `error: <message>`, and exit status 2. Any other exception is a bug: it
+  keeps its traceback.
 
     @entry_point
     def main(argv=None) -> int:

@@ -1,13 +1,13 @@
 """Known errors: the ones a user can fix, so they end a command with one line, not a traceback.
 
 Every error the project raises on purpose (a bad data layout or label file, a bad config key or
-value, unusable weights, a missing file, a bad argument) is a `UserError`. A command-line entry
-point wrapped by `common.cli.entry_point` prints it as `error: <message>` on stderr and exits
-with status 2; any other exception is a bug and keeps its traceback. The message names the file
-or key and the reason.
+value, unusable weights, a missing file, an output that cannot be written, a bad argument) is a
+`UserError`. A command-line entry point wrapped by `common.cli.entry_point` prints it as
+`error: <message>` on stderr and exits with status 2; any other exception is a bug and keeps
+its traceback. The message names the file or key and the reason.
 
 The subclasses also derive from the built-in type that callers and tests already catch
-(ValueError, KeyError, FileExistsError), so `except ValueError` keeps working.
+(ValueError, KeyError, FileExistsError, OSError), so `except ValueError` keeps working.
 """
 from __future__ import annotations
 
@@ -39,3 +39,8 @@ class UnknownNameError(UserError, KeyError):
 
 class OutputExistsError(UserError, FileExistsError):
     """An output that would overwrite or mix with files that are already there."""
+
+
+class WriteError(UserError, OSError):
+    """An output that cannot be written (a full disk, no permission); `common.files` raises it
+    after removing its temp file, so the previous version of the file, if any, is unchanged."""

@@ -122,6 +122,7 @@ class ExpertConfig:
     drop_rate: float = 0.0
     score_weights: list[float] = field(default_factory=lambda: [0.4, 0.3, 0.3])  # DAE score mix
     noise_std: float = 0.1         # DAE input noise (0-1 pixel units)
+    relative: bool = False         # forensic expert: only region-vs-crop contrasts, no absolute levels
     grid: int = 4                  # forensic expert: statistics pooled on a grid x grid layout
 
 

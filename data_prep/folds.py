@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import ConfigError, UsageError
-from data_prep.dataset import DataLayoutError, Sample
+from common.errors import ConfigError, DataLayoutError, UsageError
+from data_prep.dataset import Sample
+from data_prep.labels import read_csv_rows
 
 UNCLUSTERED = -1  # fold of an image that could not be read: trained on in every fold, never validated
 
@@ -131,14 +132,8 @@ def clusters_markdown(table: list[dict], method: str) -> str:
 def read_folds(path) -> dict[str, int]:
     """img_name -> fold from a folds.csv written by `write_folds`; errors name file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise DataLayoutError(f"{path}: folds file not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if not rows or [c.strip() for c in rows[0][:3]] != FOLDS_HEADER:
-        raise DataLayoutError(f"{path}: first line must be the header '{','.join(FOLDS_HEADER)}'")
     folds: dict[str, int] = {}
-    for line_no, row in enumerate(rows[1:], start=2):
+    for line_no, row in enumerate(read_csv_rows(path, tuple(FOLDS_HEADER), "folds file not found"), start=2):
         if not "".join(row).strip():
             continue
         if len(row) < 3:

@@ -15,23 +15,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from common.cli import CommandLine, entry_point
-from common.errors import UsageError
+from common.errors import ConfigError, DataLayoutError, UsageError
+from common.files import write_files_atomically
 from common.runtime import sample_seed
 from configs import Config, config_from
 from data_prep.dataset import Sample, load_splits, read_extra_reals
 from data_prep.faces import FaceCropCache
 from data_prep.images import ImageDecodeError
 from data_prep.manipulations import fake_from_face_crop
+from ensemble.combiners import COMBINERS
 from ensemble.predictor import ENSEMBLE_FILE, EnsembleDetector, score_samples
 from ensemble.stacking import LeakageError, StackingEnsemble, assemble_oof_matrix
-from experts.weights import sha256_file, stage_file, update_manifest
+from experts.weights import sha256_file, update_manifest
 
 log = logging.getLogger("ensemble.fit")
 
@@ -81,6 +82,8 @@ def check_no_trainset_copies(val: list[Sample], trained: dict[str, str], where) 
 
 
 def fit_ensemble(cfg: Config) -> dict:
+    if cfg.ensemble.method != "auto" and cfg.ensemble.method not in COMBINERS:  # now, not after the scoring
+        raise ConfigError(f"ensemble.method must be auto or one of {sorted(COMBINERS)}, got {cfg.ensemble.method!r}")
     splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods)
     # The guard: no expert may be stacked on a score of an image it was trained on. Compared
     # by content, not by name: a trainset image copied into valset under a new name is caught,
@@ -109,13 +112,17 @@ def fit_ensemble(cfg: Config) -> dict:
         extra = editing_fake_features(detector, [reals[i] for i in chosen], cfg)
         X, y, n_editing = np.vstack([X, extra]), np.concatenate([y, np.ones(len(extra), int)]), len(extra)
 
+    counts = np.bincount(y, minlength=2)
+    if counts.min() < 2:
+        raise DataLayoutError(f"{cfg.data_root}: the stacker is fitted on the scored valset images, which hold "
+                              f"{counts[0]} real(s) and {counts[1]} fake(s); it needs at least 2 of each")
     # Every expert score means "higher is faker"; the TTA spreads may point either way.
     monotone = [int(cfg.ensemble.monotone and col in detector.experts) for col in columns]
     stacker = StackingEnsemble(method=cfg.ensemble.method, cv=cfg.ensemble.cv, random_state=cfg.seed,
                                feature_names=columns, monotone=monotone).fit(X, y)
     out = Path(cfg.out)
     path = out / ENSEMBLE_FILE
-    os.replace(stage_file(path, json.dumps(stacker.to_state()).encode()), path)  # a full disk: one line
+    write_files_atomically({path: json.dumps(stacker.to_state()).encode()})  # a full disk: one line
     entry = {"file": path.name, "sha256": sha256_file(path), "experts": list(detector.experts),
              "tta": detector.tta, "method": stacker.method_, "feature_names": columns,
              "cv_auc": stacker.cv_auc_,

@@ -110,7 +110,7 @@ class DenoisingAutoencoderExpert(Expert):
         # fakes happen to reconstruct better than its reals (the DAE then measures the
         # distance from the training reals' domain, which another data set reverses),
         # P(fake) is the score's z-value among training reals.
-        std = float(real_scores.std().clamp_min(1e-8))
+        std = max(float(real_scores.std()), 1e-8) if len(real_scores) > 1 else 1.0
         slope, intercept = 1.0 / std, -float(real_scores.mean()) / std
         scores, labels = [], []
         for x, y in val_batches:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import sys
 import time
 import warnings
@@ -39,6 +38,7 @@ import torch.nn as nn
 
 from common.cli import CommandLine, entry_point
 from common.errors import UsageError, UserError
+from common.files import write_files_atomically
 from experts.weights import (
     MANIFEST,
     WeightsError,
@@ -46,7 +46,6 @@ from experts.weights import (
     load_expert,
     read_manifest,
     sha256_file,
-    stage_file,
     verified_file,
 )
 
@@ -187,26 +186,11 @@ def export(weights: Path, out: Path, requested: list[str] | None = None) -> Path
     elif stacker:
         print(f"warning: the stacker combines {stacker['experts']}, not the exported {list(exported)}: "
               f"it is left out and the ONNX ensemble averages them", file=sys.stderr)
+    # The manifest last: a failed write leaves the previous export whole, and a reader never
+    # sees a manifest naming files that are not there yet.
     files[manifest_path] = json.dumps(onnx_manifest, indent=2).encode()
-    write_all(files)
+    write_files_atomically(files)
     return manifest_path
-
-
-def write_all(files: dict[Path, bytes]) -> None:
-    """Write every file to a temp file beside it, then rename them into place, the manifest
-    (the last) last: a failed write leaves the previous export whole, and a reader never
-    sees a manifest naming files that are not there yet."""
-    staged = []
-    try:
-        for path, data in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staged.append((stage_file(path, data), path))
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
 
 
 def read_onnx_manifest(location) -> tuple[Path, dict]:

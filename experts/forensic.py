@@ -17,6 +17,9 @@ Features per image (all fixed, computed on the device):
   spectrum   radial profile of the log power spectrum of the central half (16 bins)
   blocks     mean |first difference| at each of the 8 column and row phases, normalised
              (JPEG 8x8 grid traces: a face pasted into a compressed frame breaks them)
+With `relative: true` only contrasts remain: each cell's log residual and log colour spread
+minus the crop's mean, the relative colour means, the spectrum's shape and the block phases.
+Nothing then depends on the overall brightness, noise or compression level of the source.
 """
 from __future__ import annotations
 
@@ -35,9 +38,9 @@ SPECTRUM_BINS = 16
 class ForensicStatistics(nn.Module):
     """(B, 3, H, W) in [0, 1] -> (B, n_features) fixed statistics; no parameters."""
 
-    def __init__(self, grid: int):
+    def __init__(self, grid: int, relative: bool = False):
         super().__init__()
-        self.grid = grid
+        self.grid, self.relative = grid, relative
         self.srm = NoiseResiduals()
         extra = torch.zeros(3, 1, 3, 3)
         extra[0, 0] = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]])   # Laplacian
@@ -68,7 +71,7 @@ class ForensicStatistics(nn.Module):
     @property
     def n_features(self) -> int:
         cells = self.grid * self.grid
-        return 6 * cells + 3 * 3 * cells + SPECTRUM_BINS + 16
+        return 6 * cells + (2 if self.relative else 3) * 3 * cells + SPECTRUM_BINS + 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -79,8 +82,19 @@ class ForensicStatistics(nn.Module):
         mean = F.adaptive_avg_pool2d(colour, self.grid)
         std = (F.adaptive_avg_pool2d(colour ** 2, self.grid) - mean ** 2).clamp_min(1e-8).sqrt()
         relative = mean - colour.mean(dim=(2, 3), keepdim=True)
+        spectrum = self.spectrum(grey[:, 0] / 255)
+        if self.relative:
+            # Contrasts only: each region against the whole crop (noise, sharpness, colour
+            # spread), and the spectrum's shape, not its level. A data set's compression and
+            # resolution move every region alike; a pasted face moves one.
+            res = res.unflatten(1, (6, -1))
+            res = (res - res.mean(2, keepdim=True)).flatten(1)
+            log_std = std.log()
+            log_std = log_std - log_std.mean(dim=(2, 3), keepdim=True)
+            return torch.cat([res, log_std.flatten(1), relative.flatten(1),
+                              spectrum - spectrum.mean(1, keepdim=True), self.block_phases(grey[:, 0])], dim=1)
         return torch.cat([res, mean.flatten(1), std.flatten(1), relative.flatten(1),
-                          self.spectrum(grey[:, 0] / 255), self.block_phases(grey[:, 0])], dim=1)
+                          spectrum, self.block_phases(grey[:, 0])], dim=1)
 
     def spectrum(self, grey: torch.Tensor) -> torch.Tensor:
         """Radial profile of the log power spectrum of the central half, by matrix products
@@ -122,13 +136,13 @@ def dft_matrix(n: int) -> torch.Tensor:
 
 @register_expert("forensic")
 class ForensicStatsExpert(FeatureClassifier):
-    config_fields = frozenset({"grid", "embed_dim"})
+    config_fields = frozenset({"grid", "relative", "embed_dim"})
 
     def __init__(self, cfg: ExpertConfig, image_size: int):
         super().__init__(cfg, image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         if cfg.grid < 1:
             raise ConfigError(f"forensic expert: grid must be >= 1, got {cfg.grid}")
-        self.statistics = ForensicStatistics(cfg.grid)
+        self.statistics = ForensicStatistics(cfg.grid, cfg.relative)
         n = self.statistics.n_features
         width = 64
         # BatchNorm standardises features of very different scales (log residuals, colour,

@@ -5,15 +5,15 @@ normalisation, the face-crop settings, the training data summary, validation met
 the sha256 of its file; plus library versions and the full training config. Loading checks
 the hash and loads strictly, so a tampered, truncated or mismatched file is refused with a
 one-line reason; a file name in the manifest must lie inside the weights folder. Nothing is
-unpickled. Saving writes every file to a temp file beside it and renames it into place, so a
-killed run or a full disk leaves the previous weights and manifest whole.
+unpickled. Saving writes the weights and the manifest in full to temp files beside them before
+either is renamed into place (`common.files`), so a killed run or a full disk leaves the
+previous weights and manifest whole.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import time
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from common.errors import UserError
+from common.files import write_files_atomically
 from configs import ExpertConfig, FaceConfig
 from experts.base import Expert, create_expert
 
@@ -69,29 +70,6 @@ def read_manifest(weights_dir) -> dict:
     return manifest
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it the real file
-
-
-def stage_file(path: Path, data: bytes) -> Path:
-    """Write `data` to a temp file beside `path` and return it, for `os.replace(tmp, path)`.
-    A failed write (a full disk, no permission) removes the partial temp file and is one
-    WeightsError line; `path` itself is not touched."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        _write_bytes(tmp, data)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise WeightsError(f"{path}: cannot write ({err.strerror or err}); "
-                               f"the previous version, if any, is unchanged") from None
-        raise
-    return tmp
-
-
 def _manifest_bytes(manifest: dict) -> bytes:
     return json.dumps(manifest, indent=2, sort_keys=True).encode()
 
@@ -99,7 +77,7 @@ def _manifest_bytes(manifest: dict) -> bytes:
 def write_manifest(weights_dir, manifest: dict) -> Path:
     """Atomic write, so a killed run or a full disk never leaves a half manifest."""
     path = Path(weights_dir) / MANIFEST
-    os.replace(stage_file(path, _manifest_bytes(manifest)), path)
+    write_files_atomically({path: _manifest_bytes(manifest)})
     return path
 
 
@@ -127,7 +105,8 @@ def save_expert(model: Expert, weights_dir, name: str, face: FaceConfig, extra: 
                 config: dict | None = None) -> Path:
     """Write `<name>.safetensors` (the weights as they are: the caller bakes EMA in first)
     and its manifest entry. Both files are written in full to temp files first and only then
-    renamed into place, so a full disk leaves the previous pair as it was."""
+    renamed into place, the manifest last, so a full disk leaves the previous pair as it was
+    (common.errors.WriteError, one line)."""
     weights_dir = Path(weights_dir)
     weights_dir.mkdir(parents=True, exist_ok=True)
     path = weights_dir / f"{name}.safetensors"
@@ -142,14 +121,7 @@ def save_expert(model: Expert, weights_dir, name: str, face: FaceConfig, extra: 
         **extra,
     }
     manifest = updated_manifest(weights_dir, "experts", name, entry, config)
-    staged_weights = stage_file(path, data)
-    try:
-        staged_manifest = stage_file(weights_dir / MANIFEST, _manifest_bytes(manifest))
-    except BaseException:
-        staged_weights.unlink(missing_ok=True)
-        raise
-    os.replace(staged_weights, path)
-    os.replace(staged_manifest, weights_dir / MANIFEST)
+    write_files_atomically({path: data, weights_dir / MANIFEST: _manifest_bytes(manifest)})
     return path
 
 

@@ -201,6 +201,20 @@ def test_fit_refuses_a_valset_image_the_dae_trained_on_as_an_extra_real(demo_roo
         ensemble_fit.fit_ensemble(cfg)
 
 
+def test_fit_with_a_single_fake_left_in_valset_is_one_line(demo_root, tmp_path, untrained_weights, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    rows = [line.split(",") for line in (root / "valset_label.txt").read_text().splitlines()[1:]]
+    fakes = [name for name, target in rows if target.strip() == "1"]
+    for name in fakes[1:]:
+        (root / "valset" / name).unlink()
+    write_labels(root / "valset_label.txt", [r for r in rows if r[0] not in fakes[1:]])
+    overrides = [o for o in untrained_weights if not o.startswith("ensemble.editing_fakes")]
+    assert ensemble_fit.main([str(root), *overrides, "ensemble.editing_fakes=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 fake(s); it needs at least 2 of each" in err
+
+
 # ---------------------------------------------------------------- train.sh
 
 @pytest.mark.parametrize("audit_can_read", [True, False], ids=["findings", "unreadable_root"])

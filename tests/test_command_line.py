@@ -3,8 +3,8 @@
 Every entry point runs in its own subprocess on a broken input (a label file that lists an
 image twice, a bad config key, missing weights or folders, an unknown name): the exit status
 is 2 and stderr is exactly one line that names the file or key and the reason. The processes
-are forked from one that has imported torch already (tests/forked_commands.py): fifteen
-fresh interpreters would spend over a minute importing it.
+are forked from one that has imported torch already (tests/forked_commands.py): a fresh
+interpreter per command would spend over a minute importing it.
 """
 import importlib
 import json
@@ -38,6 +38,8 @@ BROKEN = {
     "data_prep.video": ("-m data_prep.video {d}/no_videos {d}/frames", ["no_videos/labels.csv", "missing"]),
     "data_prep.audit": ("-m data_prep.audit {d}/data", DUPLICATE),
     "experts.check_pretrained": ("-m experts.check_pretrained --profile gpu train.epoch=3", BAD_KEY),
+    "experts.export_onnx": ("-m experts.export_onnx --weights {d}/no_weights --out {d}/onnx",
+                            ["no_weights/manifest.json", "no trained weights"]),
     "infer.py": ("infer.py {d}/data/testset/a.png --weights {d}/no_weights",
                  ["no_weights/manifest.json", "no trained weights"]),
     "bench.speed": ("-m bench.speed {d}/no_images", ["no_images", "not a directory"]),
@@ -47,6 +49,7 @@ BROKEN = {
                              ["trainset_methods.csv", "missing"]),
     "bench.precision": ("-m bench.precision --kind nope --steps 1", ["unknown expert kind 'nope'"]),
     "bench.face_detectors": ("-m bench.face_detectors {d}/no_images", ["no_images", "not a directory"]),
+    "bench.onnx_speed": ("-m bench.onnx_speed --repeats 1 train.epoch=3", BAD_KEY),
 }
 
 
@@ -86,9 +89,10 @@ def test_experts_train_help_prints_usage():
 
 @pytest.mark.parametrize("module", ["experts.train", "ensemble.fit", "ensemble.evaluate", "experts.cluster_split",
                                     "data_prep.make_fakes", "data_prep.demo", "data_prep.diffusion",
-                                    "data_prep.video", "data_prep.audit", "experts.check_pretrained", "infer",
-                                    "bench.speed", "bench.quality", "bench.ablation",
-                                    "bench.generalization", "bench.precision", "bench.face_detectors"])
+                                    "data_prep.video", "data_prep.audit", "experts.check_pretrained",
+                                    "experts.export_onnx", "infer", "bench.speed", "bench.quality", "bench.ablation",
+                                    "bench.generalization", "bench.precision", "bench.face_detectors",
+                                    "bench.onnx_speed"])
 def test_every_entry_point_has_help(module, capsys):
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module(module).main(["--help"])
@@ -133,6 +137,14 @@ def test_usage_errors_are_known_errors(argv, message):
     with pytest.raises(UsageError, match=message) as err:
         parser().parse_args(argv)
     assert str(err.value).startswith("python -m some.command: ") and "--help" in str(err.value)
+
+
+def test_a_bad_stacker_method_stops_ensemble_fit_before_it_reads_any_data(tmp_path, capsys):
+    from ensemble import fit
+
+    assert fit.main([str(tmp_path), "ensemble.method=lgbn"]) == 2  # tmp_path: no data root at all
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ensemble.method must be auto or one of" in err and "'lgbn'" in err
 
 
 def test_config_from_argv_reads_like_the_commands():

@@ -78,6 +78,21 @@ def test_mesonet4_is_the_papers_size():
         create_expert(ExpertConfig(kind="mesonet"), 100)
 
 
+def test_relative_forensic_statistics_ignore_a_global_brightness_shift():
+    """`relative: true` keeps contrasts only: brightening the whole crop (no clipping) moves
+    the absolute statistics and leaves the relative ones as they were (the residual maps
+    excepted at the crop's border, where the zero padding sees the brightness)."""
+    from experts.forensic import ForensicStatistics
+
+    x = 0.2 + 0.6 * torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    absolute, relative = ForensicStatistics(grid=4), ForensicStatistics(grid=4, relative=True)
+    assert relative(x).shape == (2, relative.n_features) and relative.n_features < absolute.n_features
+    residual_features = 6 * 4 * 4
+    torch.testing.assert_close(relative(x + 0.1)[:, residual_features:], relative(x)[:, residual_features:],
+                               atol=1e-4, rtol=0)
+    assert (absolute(x + 0.1) - absolute(x))[:, residual_features:].abs().max() > 0.05
+
+
 @pytest.mark.parametrize("case", [c for c, ecfg in CASES.items()
                                   if "input_filter" in expert_class(ecfg.kind).config_fields])
 def test_srm_input_filter_adds_noise_residual_channels(case):

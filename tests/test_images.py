@@ -1,5 +1,7 @@
 """decode_image: every supported flavour decodes to RGB uint8; every bad file is an ImageDecodeError."""
+import errno
 import io
+import os
 
 import numpy as np
 import pytest
@@ -204,6 +206,22 @@ def test_text_file_named_jpg(tmp_path):
 def test_directory(tmp_path):
     (tmp_path / "folder.png").mkdir()
     assert_decode_error(tmp_path / "folder.png", "folder.png", ["directory"])
+
+
+@pytest.mark.parametrize("error, words", [
+    (PermissionError(errno.EACCES, os.strerror(errno.EACCES)), ["permission denied"]),
+    (OSError(errno.EIO, os.strerror(errno.EIO)), ["input/output error"]),
+], ids=["no_permission", "io_error"])
+def test_file_that_cannot_be_opened(tmp_path, monkeypatch, error, words):
+    """Opening fails (simulated: as root, chmod 000 would not stop the read): named with the reason."""
+    path = tmp_path / "locked.jpg"
+    path.write_bytes(b"\xff\xd8")
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(images, "open", refuse, raising=False)
+    assert_decode_error(path, "locked.jpg", words)
 
 
 def truncated_jpeg(tmp_path):

@@ -16,10 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import infer
+from common import files
+from common.errors import WriteError
 from configs import load_config
-from experts import create_expert, weights
+from experts import create_expert
 from experts import train as experts_train
-from experts.weights import MANIFEST, WeightsError, load_expert, save_expert
+from experts.weights import MANIFEST, load_expert, save_expert
 from helpers import tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,6 +181,31 @@ def write_half_then_disk_full(path: Path, data: bytes) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+def test_full_disk_while_writing_the_csv_is_one_line_and_keeps_the_previous_csv(
+        untrained_detector, tmp_path, monkeypatch, capsys):
+    weights_dir, images = untrained_detector
+    csv_path, previous = tmp_path / "submission.csv", "img_name,y_pred\nold.png,0.250000\n"
+    csv_path.write_text(previous)
+
+    class DiskFullAfterTheHeader:
+        def __init__(self, handle, **_):
+            self.handle = handle
+
+        def writerow(self, row):
+            self.handle.write(",".join(row) + "\n")
+
+        def writerows(self, rows):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(infer.csv, "writer", DiskFullAfterTheHeader)
+    argv = [str(images), "--csv", str(csv_path), "--weights", str(weights_dir), "--workers", "0", "--device", "cpu"]
+    assert infer.main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "submission.csv: cannot write (No space left on device)" in last
+    assert csv_path.read_text() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]  # no temp file left
+
+
 @pytest.mark.parametrize("failing_write", [0, 1], ids=["weights_file", "manifest"])
 def test_full_disk_leaves_weights_and_manifest_whole(tmp_path, monkeypatch, failing_write):
     """save_expert writes the weights, then the manifest: whichever meets the full disk, both
@@ -190,7 +218,7 @@ def test_full_disk_leaves_weights_and_manifest_whole(tmp_path, monkeypatch, fail
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert sorted(before) == ["convnext.safetensors", MANIFEST]
 
-    real_write, writes = weights._write_bytes, []
+    real_write, writes = files._write_and_sync, []
 
     def write(path, data):
         writes.append(path.name)
@@ -198,10 +226,10 @@ def test_full_disk_leaves_weights_and_manifest_whole(tmp_path, monkeypatch, fail
             write_half_then_disk_full(path, data)
         real_write(path, data)
 
-    monkeypatch.setattr(weights, "_write_bytes", write)
+    monkeypatch.setattr(files, "_write_and_sync", write)
     torch.manual_seed(1)
     second = create_expert(cfg.expert_config("convnext"), 64)
-    with pytest.raises(WeightsError) as error:
+    with pytest.raises(WriteError) as error:
         save_expert(second, folder, "convnext", cfg.face, {"note": "second"})
     message = str(error.value)
     assert "\n" not in message and "No space left on device" in message and "unchanged" in message
@@ -212,7 +240,7 @@ def test_full_disk_leaves_weights_and_manifest_whole(tmp_path, monkeypatch, fail
 
 
 def test_full_disk_at_the_end_of_training_is_one_line(demo_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(weights, "_write_bytes", write_half_then_disk_full)
+    monkeypatch.setattr(files, "_write_and_sync", write_half_then_disk_full)
     overrides = tiny_overrides(tmp_path, epochs=1, experts="convnext")
     assert experts_train.main([str(demo_root)] + overrides) == 2
     err_lines = capsys.readouterr().err.strip().splitlines()
