@@ -106,10 +106,11 @@ class DenoisingAutoencoderExpert(Expert):
         self.term_scale.copy_(terms.mean(0).clamp_min(1e-8))
         real_scores = (terms / self.term_scale * self.score_weights).sum(1).double()
         # By construction more anomalous means more likely fake: the calibration may only
-        # rescale the score, never flip it. Without fakes to fit on, or when validation
-        # fakes happen to reconstruct better than its reals (the DAE then measures the
-        # distance from the training reals' domain, which another data set reverses),
-        # P(fake) is the score's z-value among training reals.
+        # rescale the score, never flip it. Validation fakes can reconstruct better than
+        # its reals (FF++ and lfw_faceswap swaps are smoother than camera faces); a flipped
+        # calibration would then call smoothness fake, which another generator or data set
+        # reverses. Then, and without fakes to fit on, P(fake) is the score's z-value
+        # among the training reals.
         std = max(float(real_scores.std()), 1e-8) if len(real_scores) > 1 else 1.0
         slope, intercept = 1.0 / std, -float(real_scores.mean()) / std
         scores, labels = [], []
