@@ -12,7 +12,9 @@ Inputs: files, folders and glob patterns. In a folder, every entry named like an
 video is an input, whatever it turns out to be (a dangling link, a folder called x.jpg); other
 files are ignored; subfolders are scored with `--recursive` (img_name = the path relative to
 the folder), else counted in a warning. A video is scored by sampling `--frames` frames
-evenly, face-cropping and scoring each, and aggregating (`--video-rule`).
+evenly (downscaled when their longer side exceeds `--max-side`), following one face through
+them (data_prep.tracking; detected on copies of at most `--detect-side` pixels), scoring each
+crop, and aggregating the frame scores (`--video-rule`, see data_prep.video.aggregate_frame_scores).
 
 A file that cannot be read gets a warning naming it and the reason; in a CSV it still gets
 a row with y_pred 0.5 and a line in `out.csv.errors`, so one broken image never sinks a
@@ -41,6 +43,9 @@ FALLBACK_SCORE = 0.5  # an unreadable file says nothing either way
 
 
 def parse_args(argv):
+    from data_prep.faces import DETECT_SIDE
+    from data_prep.video import AGGREGATION_RULES, MAX_SIDE
+
     parser = CommandLine("python infer.py", __doc__, config=False)
     parser.add_argument("inputs", nargs="+", help="image/video files, folders or glob patterns")
     parser.add_argument("--csv", type=Path, help="write img_name,y_pred rows here (atomically)")
@@ -54,7 +59,12 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
                         help="decode/crop worker processes (0 = in the main process)")
     parser.add_argument("--frames", type=int, default=16, help="frames sampled per video")
-    parser.add_argument("--video-rule", default="confidence", choices=["mean", "median", "confidence", "max"])
+    parser.add_argument("--video-rule", default="confidence", choices=AGGREGATION_RULES,
+                        help="how frame scores make a video's score (top-k: mean of the top quarter)")
+    parser.add_argument("--max-side", type=int, default=MAX_SIDE,
+                        help="video frames larger than this (longer side) are downscaled to it; 0 = native")
+    parser.add_argument("--detect-side", type=int, default=DETECT_SIDE,
+                        help="faces in video frames are detected on a copy of at most this side")
     parser.add_argument("--tta", help="override test-time augmentation, e.g. 'hflip' or 'none'")
     parser.add_argument("--strict", action="store_true", help="fail on the first unreadable file")
     parser.add_argument("--recursive", action="store_true",
@@ -62,6 +72,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.backend == "onnx" and args.device == "cuda":
         parser.error("--backend onnx runs on the CPU; leave out --device cuda")
+    if args.frames < 1 or args.max_side < 0 or args.detect_side < 32:
+        parser.error("--frames must be >= 1, --max-side >= 0 and --detect-side >= 32")
     return args
 
 
@@ -131,10 +143,10 @@ def score_images(detector, paths, args, on_error) -> dict[Path, float]:
 
 
 def score_video(detector, path: Path, args) -> float:
-    from data_prep.video import aggregate_frame_scores, sample_frames
+    from data_prep.video import aggregate_frame_scores, sample_face_crops
 
-    frames = sample_frames(path, args.frames)
-    p, _ = detector.score_crops(detector.batch_of_images([rgb for _index, rgb in frames]))
+    tracked = sample_face_crops(path, detector.face, args.frames, args.max_side, args.detect_side)
+    p, _ = detector.score_crops(detector.batch_of_crops(tracked.crops))
     return aggregate_frame_scores(p.tolist(), args.video_rule)
 
 

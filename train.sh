@@ -8,6 +8,7 @@
 # reports=DIR) and, when DATA_ROOT has a testset/, reports/submission.csv.
 # With more than one GPU visible it trains with torchrun (DDP); NPROC=N overrides.
 # FOLDS=K first trains the first expert on K leave-one-cluster-out folds (see step 1b).
+# ensemble.oof_folds=K fits the stacker on out-of-fold scores (k-fold stacking, see step 3).
 set -euo pipefail
 cd "$(dirname "$0")"
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
@@ -81,8 +82,16 @@ else
   python -m experts.train "$DATA_ROOT" "${ARGS[@]}"
 fi
 
-# 3. Ensemble: the stacking meta-learner on held-out expert scores.
-echo "== fitting the ensemble"
+# 3. Ensemble: the stacking meta-learner, fitted on scores of images the experts did not
+# train on: the valset (hold-out), or with ensemble.oof_folds=K every trainset+valset image,
+# scored by fold experts that ensemble.fit first trains K more times, each without its fold
+# (k-fold stacking, ensemble/oof.py: K + 1 trainings of every expert in all, in one process).
+OOF_FOLDS=$(python -c "import sys; from configs import config_from_argv; print(config_from_argv(sys.argv[1:]).ensemble.oof_folds)" "$DATA_ROOT" "${ARGS[@]}")
+if [[ "$OOF_FOLDS" -gt 0 ]]; then
+  echo "== k-fold stacking: training every expert $OOF_FOLDS more times, then fitting the ensemble"
+else
+  echo "== fitting the ensemble"
+fi
 python -m ensemble.fit "$DATA_ROOT" "${ARGS[@]}"
 
 # 4. Reports: metrics and plots on validation (and on the testset when it has labels).

@@ -100,6 +100,25 @@ class EnsembleConfig:
     cv: int = 5                    # folds of the meta-learner's own cross-validation
     editing_fakes: float = 0.0     # share of validation reals also fitted on as an editing fake of itself
     monotone: bool = True          # P(fake) may only grow with each expert's score (no negative weights)
+    # k-fold stacking (ensemble.oof): K > 0 fits the meta-learner on out-of-fold scores of
+    # trainset+valset, every expert trained K more times (K + 1 trainings); 0 = valset hold-out.
+    oof_folds: int = 0
+    oof_folds_csv: str = ""        # the folds: a folds.csv of experts.cluster_split; "" = stratified random
+    oof_group_distance: int = 4    # random folds: near duplicates (pHash bits apart) share a fold; -1 = off
+    meta_features: list[str] = field(default_factory=list)  # stacker inputs beyond the scores: dae_terms
+
+
+@dataclass
+class TemporalConfig:
+    """The temporal head (`ensemble.temporal`): a GRU over one frame expert's embeddings."""
+    expert: str = ""               # frame expert it reads; "" = the stacker's heaviest, else the first
+    hidden: int = 32               # GRU hidden size
+    steps: int = 300               # optimizer steps, each on batch_size sequences
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    val_fraction: float = 0.25     # videos held out per class (by video) to report the head's AUC
+    max_distance: int = 4          # image sets: pHash bits (of 64) within which images chain into a clip
 
 
 @dataclass
@@ -144,6 +163,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
     expert: dict[str, ExpertConfig] = field(default_factory=dict)
 
     def expert_config(self, name: str) -> ExpertConfig:

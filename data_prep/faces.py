@@ -31,6 +31,10 @@ from configs import ConfigError, FaceConfig
 from data_prep.images import decode_image
 
 _DETECTOR = None  # one cascade per process; skimage's Cascade is not picklable across workers
+_DLIB_DETECTOR = None  # dlib's HOG detector for `detect_faces`, built on first use
+# Faces are detected on a copy whose longer side is at most this: the cascade's cost grows
+# with the pixels, and a face that fills min_face of the short side is still >= 36 px there.
+DETECT_SIDE = 320
 
 
 def _detector():
@@ -44,22 +48,64 @@ def _detector():
 
 def detect_largest_face(rgb: np.ndarray, min_face: float = 0.2) -> tuple[int, int, int, int] | None:
     """(x, y, w, h) of the largest face, or None. Runs on a <=320 px grayscale copy for speed."""
+    faces = _lbp_faces(rgb, min_face, DETECT_SIDE)
+    return faces[0] if faces else None
+
+
+def _lbp_faces(rgb: np.ndarray, min_face: float, max_side: int) -> list[tuple[int, int, int, int]]:
+    """Every face the LBP cascade finds on a grayscale copy of at most `max_side` pixels,
+    largest first, as (x, y, w, h) in `rgb`'s pixels."""
     h, w = rgb.shape[:2]
-    scale = min(1.0, 320.0 / max(h, w))
+    scale = min(1.0, max_side / max(h, w))
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     if scale < 1.0:
         gray = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
     side = min(gray.shape)
     min_px = max(24, int(min_face * side))
     if side < min_px:
-        return None
+        return []
     found = _detector().detect_multi_scale(img=gray, scale_factor=1.2, step_ratio=1,
                                            min_size=(min_px, min_px), max_size=(side, side))
-    if not found:
-        return None
-    best = max(found, key=lambda d: d["width"] * d["height"])
-    return (round(best["c"] / scale), round(best["r"] / scale),
-            round(best["width"] / scale), round(best["height"] / scale))
+    found = sorted(found, key=lambda d: d["width"] * d["height"], reverse=True)
+    return [(round(d["c"] / scale), round(d["r"] / scale), round(d["width"] / scale), round(d["height"] / scale))
+            for d in found]
+
+
+def _dlib_faces(rgb: np.ndarray, min_face: float, max_side: int) -> list[tuple[int, int, int, int]]:
+    """Every face dlib's HOG detector finds, as `landmarks.detect_face_box` looks for the
+    largest one (a copy of at most `max_side` pixels, one upsampling pass when a small copy
+    shows none), largest first, as (x, y, w, h) in `rgb`'s pixels, smaller than
+    `min_face` of the short side dropped as `detect_face` does."""
+    global _DLIB_DETECTOR
+    if _DLIB_DETECTOR is None:
+        import dlib  # the `dlib-bin` wheel; its HOG detector is built in (no model file)
+        _DLIB_DETECTOR = dlib.get_frontal_face_detector()
+    h, w = rgb.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    small = rgb if scale == 1.0 else cv2.resize(rgb, (round(w * scale), round(h * scale)),
+                                                interpolation=cv2.INTER_AREA)
+    small = np.ascontiguousarray(small)
+    found = _DLIB_DETECTOR(small, 0)
+    if len(found) == 0 and max(small.shape[:2]) < 400:
+        found = _DLIB_DETECTOR(small, 1)
+    found = sorted(found, key=lambda r: r.width() * r.height(), reverse=True)
+    boxes = []
+    for r in found:  # corners mapped back as landmarks does; dlib's width counts both edges (+1)
+        left, top, right, bottom = (round(v / scale) for v in (r.left(), r.top(), r.right(), r.bottom()))
+        boxes.append((left, top, right - left + 1, bottom - top + 1))
+    return [b for b in boxes if min(b[2], b[3]) >= min_face * min(h, w)]
+
+
+def detect_faces(rgb: np.ndarray, cfg: FaceConfig, detect_side: int = DETECT_SIDE) -> list[tuple[int, int, int, int]]:
+    """Every face the configured detector finds, largest first, as (x, y, w, h) in `rgb`'s
+    pixels. Detection runs on a copy whose longer side is at most `detect_side`; the
+    default is the resolution `detect_face` uses, so the largest face here is the face the
+    image pipeline (training) crops. Video face tracking (data_prep.tracking) needs them all."""
+    if cfg.detector == "lbp":
+        return _lbp_faces(rgb, cfg.min_face, detect_side)
+    if cfg.detector == "dlib":
+        return _dlib_faces(rgb, cfg.min_face, detect_side)
+    raise ConfigError(f"face.detector must be 'lbp' or 'dlib', got {cfg.detector!r}")
 
 
 def square_crop_box(shape_hw, face_box, cfg: FaceConfig) -> tuple[int, int, int, int]:
@@ -96,7 +142,13 @@ def detect_face(rgb: np.ndarray, cfg: FaceConfig) -> tuple[int, int, int, int] |
 def crop_face(rgb: np.ndarray, cfg: FaceConfig) -> tuple[np.ndarray, bool]:
     """Return (crop_size x crop_size RGB crop, whether a face was found)."""
     box = detect_face(rgb, cfg) if cfg.enabled else None
-    x0, y0, x1, y1 = square_crop_box(rgb.shape[:2], box, cfg)
+    return crop_at_face(rgb, box, cfg), box is not None
+
+
+def crop_at_face(rgb: np.ndarray, face_box, cfg: FaceConfig) -> np.ndarray:
+    """The crop_size x crop_size RGB crop around the face box (x, y, w, h) by the crop rule,
+    or the fallback crop when `face_box` is None."""
+    x0, y0, x1, y1 = square_crop_box(rgb.shape[:2], face_box, cfg)
     size = cfg.crop_size
     if cfg.shrink == "center" and y1 - y0 > size:
         # keep the pixels: the central crop_size window of a larger face box, not a shrunk copy
@@ -107,7 +159,7 @@ def crop_face(rgb: np.ndarray, cfg: FaceConfig) -> tuple[np.ndarray, bool]:
         raise ConfigError(f"face.shrink must be 'resize' or 'center', got {cfg.shrink!r}")
     crop = rgb[y0:y1, x0:x1]
     interp = cv2.INTER_AREA if crop.shape[0] > size else cv2.INTER_CUBIC
-    return np.ascontiguousarray(cv2.resize(crop, (size, size), interpolation=interp)), box is not None
+    return np.ascontiguousarray(cv2.resize(crop, (size, size), interpolation=interp))
 
 
 class FaceCropCache:

@@ -1,10 +1,11 @@
 """The four ways `ensemble.stacking.StackingEnsemble` can combine expert scores.
 
 Each combiner has fit(X, y), predict(X) -> P(fake) (n,), to_state() -> a JSON-serialisable
-dict, and from_state(state); X holds one row per sample and one column per expert score.
+dict, and from_state(state); X holds one row per sample: the experts' scores first, then any
+other meta-features (TTA spreads, the DAE's error terms).
 
-  MeanCombiner      plain average of the columns (no fitting)
-  RankMeanCombiner  average of each column's rank within the training scores
+  MeanCombiner      plain average of the score columns (no fitting)
+  RankMeanCombiner  average of each score column's rank within the training scores
   LogRegCombiner    logistic regression on logit-transformed, standardised scores
   LGBMCombiner      small LightGBM model
 """
@@ -28,24 +29,30 @@ PROBABILITY_CLIP = 1e-6
 
 
 class MeanCombiner:
+    """Average of the first `n_columns` columns, the expert scores (None: every column, as
+    states written before there were other meta-features)."""
     name = "mean"
+
+    def __init__(self, n_columns=None):
+        self.n_columns = n_columns
 
     def fit(self, X, y):
         return self
 
     def predict(self, X):
-        return X.mean(axis=1)
+        return X[:, : self.n_columns].mean(axis=1)
 
     def to_state(self):
-        return {}
+        return {"n_columns": self.n_columns}
 
     @classmethod
     def from_state(cls, state):
-        return cls()
+        return cls(state.get("n_columns"))
 
 
 class RankMeanCombiner:
-    """Average, over columns, of where a score falls in that column's training scores.
+    """Average, over the first `n_columns` columns (the expert scores; None: all), of where a
+    score falls in that column's training scores.
 
     A test score's rank is its mid-rank among the sorted training scores
     (ties count half), divided by the number of training rows, so it lies in
@@ -53,11 +60,12 @@ class RankMeanCombiner:
     """
     name = "rank_mean"
 
-    def __init__(self, sorted_columns=None):
+    def __init__(self, sorted_columns=None, n_columns=None):
         self.sorted_columns = sorted_columns
+        self.n_columns = n_columns
 
     def fit(self, X, y):
-        self.sorted_columns = [np.sort(X[:, j]) for j in range(X.shape[1])]
+        self.sorted_columns = [np.sort(column) for column in X[:, : self.n_columns].T]
         return self
 
     def predict(self, X):

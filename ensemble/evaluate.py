@@ -1,7 +1,8 @@
 """Evaluate the trained detector on a labelled split (and optionally a labelled video folder).
 
     python -m ensemble.evaluate DATA_ROOT [--split valset|testset] [--weights DIR] [--reports DIR]
-                               [--videos VIDEO_DIR] [--frames 16] [--gradcam N] [--no-plots]
+                               [--videos VIDEO_DIR] [--frames 16] [--max-side 1920] [--detect-side 320]
+                               [--gradcam N] [--no-plots]
                                [profile=cpu] [key=value ...]
     python -m ensemble.evaluate [DATA_ROOT] --test LABELLED_DIR [...]     # any labelled folder
     python -m ensemble.evaluate LABELLED_DIR [...]                        # the same, thresholds 0.5
@@ -29,8 +30,11 @@ figures drawn by `ensemble.visuals`):
                  that fails is logged in one line and listed under "plot_errors"; metrics stay.
 
 `--videos DIR` needs DIR/labels.csv (`video_name,target`): `--frames` frames are sampled per
-video and scored; frame-level metrics label each frame with its video's label; video-level
-metrics aggregate the frame scores with the rules `mean` and `confidence`.
+video (decoded resolution capped to `--max-side`), one face is tracked through them (faces
+detected on copies of at most `--detect-side` pixels) and scored; frame-level metrics label
+each frame with its video's label; video-level metrics aggregate the frame scores with every
+frame rule (mean, median, confidence, max, top-k); a per-video table is printed
+(ensemble.video_eval).
 
 `--test DIR` evaluates any labelled folder (another data set's testset, say): `X/` with
 `X_label.txt` beside it, a data root (its testset/), or `real/` + `fake/`. Thresholds still
@@ -55,13 +59,14 @@ from common.errors import UsageError, UserError
 from common.metrics import choose_threshold, evaluate_scores, rank_against, roc_auc
 from configs import Config, config_from
 from data_prep.dataset import Sample, list_images, load_splits, read_labelled_split, read_methods_file
+from data_prep.faces import DETECT_SIDE
 from data_prep.labels import label_path
+from data_prep.video import MAX_SIDE
 from ensemble.reports import markdown_report, write_metrics, write_scores_csv
 
 log = logging.getLogger("ensemble.evaluate")
 
 SPLIT_CHOICES = ("valset", "testset")
-VIDEO_RULES = ("mean", "confidence")
 ENSEMBLE = "ensemble"
 BASELINES = ("mean", "rank_mean")
 
@@ -178,64 +183,17 @@ def metrics_table(y: np.ndarray, scores: dict[str, np.ndarray], thresholds: dict
     return {name: evaluate_scores(y, p, thresholds[name]) for name, p in scores.items()}
 
 
-# ----------------------------------------------------------------------------- video
-
-def evaluate_videos(detector, video_dir, thresholds: dict[str, float], reference: np.ndarray,
-                    n_frames: int) -> dict:
-    from data_prep.video import VideoDecodeError, aggregate_frame_scores, read_video_labels, sample_frames
-
-    video_dir = Path(video_dir)
-    rows = read_video_labels(video_dir)  # VideoLabelError: missing or malformed labels.csv
-    if not rows:
-        raise EvaluationError(f"{video_dir / 'labels.csv'}: lists no videos")
-    frame_scores: dict[str, list] = {}
-    frame_labels, per_video, unreadable = [], [], []
-    for name, target in rows:
-        try:
-            frames = sample_frames(video_dir / name, n_frames)
-        except VideoDecodeError as err:
-            log.warning("skipped %s", err)
-            unreadable.append({"file": name, "error": str(err)})
-            continue
-        features = detector.expert_features(detector.batch_of_images([rgb for _index, rgb in frames]))
-        scores = model_scores(detector, features, reference)
-        for model, p in scores.items():
-            frame_scores.setdefault(model, []).append(np.clip(p, 0.0, 1.0))
-        frame_labels += [target] * len(frames)
-        per_video.append({"video": name, "target": target, "n_frames": len(frames),
-                          **{f"p_{rule}": aggregate_frame_scores(np.clip(scores[ENSEMBLE], 0, 1), rule)
-                             for rule in VIDEO_RULES},
-                          "_scores": scores})
-    if unreadable:
-        log.warning("%d of %d videos could not be read and are excluded from the metrics",
-                    len(unreadable), len(rows))
-    if not per_video:
-        raise EvaluationError(f"{video_dir}: none of the {len(rows)} videos could be read")
-
-    y_frames = np.array(frame_labels, dtype=int)
-    frame_level = metrics_table(y_frames, {m: np.concatenate(v) for m, v in frame_scores.items()}, thresholds)
-    y_videos = np.array([v["target"] for v in per_video], dtype=int)
-    video_level = {}
-    for rule in VIDEO_RULES:
-        aggregated = {m: np.array([aggregate_frame_scores(np.clip(v["_scores"][m], 0, 1), rule)
-                                   for v in per_video]) for m in frame_scores}
-        video_level[rule] = metrics_table(y_videos, aggregated, thresholds)
-    for v in per_video:
-        del v["_scores"]
-    return {"dir": str(video_dir), "n_videos": len(per_video), "n_fake_videos": int(y_videos.sum()),
-            "n_frames": int(len(y_frames)), "frames_per_video": n_frames, "unreadable": unreadable,
-            "threshold_note": "per-model image thresholds from the validation split",
-            "frame_level": frame_level, "video_level": video_level, "videos": per_video}
-
-
 # ----------------------------------------------------------------------------- entry points
 
 def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, videos=None,
-             gradcam: int = 4, plots: bool = True, frames: int = 16, test=None) -> dict:
+             gradcam: int = 4, plots: bool = True, frames: int = 16, test=None,
+             max_side: int | None = MAX_SIDE, detect_side: int = DETECT_SIDE, extra_video_scores=None) -> dict:
     """Evaluate the detector in `weights` (default cfg.out) on `split` of cfg.data_root, or on
     the labelled folder `test` (see `labelled_folder`); write metrics.json, metrics.md,
     scores.csv and the plots to `reports` (default cfg.reports); return what metrics.json
-    holds. Thresholds come from cfg.data_root's valset; with `test` and no data root, 0.5."""
+    holds. Thresholds come from cfg.data_root's valset; with `test` and no data root, 0.5.
+    `videos`, `frames`, `max_side`, `detect_side`, `extra_video_scores` (name -> scorer of a
+    video's tracked face crops): see `ensemble.video_eval.evaluate_videos`."""
     from ensemble.predictor import EnsembleDetector
 
     if not cfg.data_root and test is None:
@@ -294,7 +252,9 @@ def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, vi
         result["expert_correlation"] = {a: {b: float(corr[i, j]) for j, b in enumerate(detector.experts)}
                                         for i, a in enumerate(detector.experts)}
     if videos is not None:
-        result["video"] = evaluate_videos(detector, videos, thresholds, val_features, frames)
+        from ensemble.video_eval import evaluate_videos
+        result["video"] = evaluate_videos(detector, videos, lambda f: model_scores(detector, f, val_features),
+                                          thresholds, frames, ENSEMBLE, max_side, detect_side, extra_video_scores)
 
     write_scores_csv(reports / "scores.csv", names, y, scores)
     write_metrics(reports, result)
@@ -318,6 +278,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--reports", help="output folder (default: cfg.reports)")
     parser.add_argument("--videos", help="labelled video folder (labels.csv: video_name,target)")
     parser.add_argument("--frames", type=int, default=16, help="frames sampled per video")
+    parser.add_argument("--max-side", type=int, default=MAX_SIDE,
+                        help="video frames larger than this (longer side) are downscaled to it; 0 = native")
+    parser.add_argument("--detect-side", type=int, default=DETECT_SIDE,
+                        help="faces in video frames are detected on a copy of at most this side")
     parser.add_argument("--gradcam", type=int, default=4, metavar="N",
                         help="Grad-CAM for N real and N fake images (0 = none)")
     parser.add_argument("--no-plots", action="store_true", help="metrics only")
@@ -327,8 +291,8 @@ def parse_args(argv: list[str] | None):
 @entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.frames < 1 or args.gradcam < 0:
-        raise UsageError("--frames must be >= 1 and --gradcam >= 0")
+    if args.frames < 1 or args.gradcam < 0 or args.max_side < 0 or args.detect_side < 32:
+        raise UsageError("--frames must be >= 1, --gradcam >= 0, --max-side >= 0 and --detect-side >= 32")
     data_root = args.positional
     if data_root and args.test is None and not any(
             (Path(data_root) / sub).is_dir() for sub in ("trainset", "testset", "real")):
@@ -337,8 +301,12 @@ def main(argv=None) -> int:
     cfg = config_from(args, data_root=data_root)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     result = evaluate(cfg, args.split, args.weights, args.reports, args.videos,
-                      args.gradcam, not args.no_plots, args.frames, args.test)
+                      args.gradcam, not args.no_plots, args.frames, args.test, args.max_side, args.detect_side)
     print(markdown_report(result), end="")
+    if "video" in result:
+        from ensemble.video_eval import per_video_table
+        print("\n## Videos: per video (the ensemble's score under each rule)\n\n" + per_video_table(result["video"]),
+              end="")
     reports = Path(args.reports or cfg.reports)
     print(f"wrote {reports / 'metrics.json'}, {reports / 'metrics.md'}"
           + (f" and {len(result.get('plots', {}))} plot(s)" if "plots" in result else ""), file=sys.stderr)

@@ -1,15 +1,22 @@
-"""Fit the stacking meta-learner on out-of-fold expert scores.
+"""Fit the stacking meta-learner on expert scores of images the experts did not train on.
 
-    python -m ensemble.fit DATA_ROOT [--profile NAME | profile=NAME] [key=value ...]
+    python -m ensemble.fit DATA_ROOT [--reuse-fold-experts] [--profile NAME | profile=NAME] [key=value ...]
 
-Hold-out blending: every expert scores the validation split, which none of them trained on
-(it only chose each expert's best epoch), and the meta-learner is fitted on those scores.
+Hold-out blending (`ensemble.oof_folds=0`, the default): every expert scores the validation
+split, which none of them trained on (it only chose each expert's best epoch), and the
+meta-learner is fitted on those scores. k-fold stacking (`ensemble.oof_folds=K`, see
+`ensemble.oof`): every expert is first trained K more times, each time without one fold of
+trainset+valset, and the meta-learner is fitted on each image's score by the experts that
+never saw it (K + 1 trainings in all; `--reuse-fold-experts` refits on the fold experts
+already trained). Either way it then combines the experts of `out` (trained on all the data).
+
 `ensemble.method=auto` compares LightGBM, logistic regression, the plain mean and the rank
 mean by the meta-learner's own cross-validated AUC and keeps the best. With
-`ensemble.editing_fakes=F`, a fraction F of the validation reals also enters the fit as an
+`ensemble.editing_fakes=F`, a fraction F of the scored reals also enters the fit as an
 editing fake of itself: fakes of no method the experts were trained on, so that the
-meta-learner rewards the experts that catch unseen manipulations. The result goes to
-`<out>/ensemble.json` (JSON, no pickle) and the manifest.
+meta-learner rewards the experts that catch unseen manipulations. `ensemble.meta_features`
+adds inputs beyond the scores (and TTA spreads): `dae_terms`, the DAE's three error terms.
+The result goes to `<out>/ensemble.json` (JSON, no pickle) and the manifest.
 """
 from __future__ import annotations
 
@@ -30,9 +37,10 @@ from data_prep.faces import FaceCropCache
 from data_prep.images import ImageDecodeError
 from data_prep.manipulations import fake_from_face_crop
 from ensemble.combiners import COMBINERS
+from ensemble.oof import StackingRows, check_oof_config, content_id, out_of_fold_rows, train_fold_experts
 from ensemble.predictor import ENSEMBLE_FILE, EnsembleDetector, score_samples
 from ensemble.stacking import LeakageError, StackingEnsemble, assemble_oof_matrix
-from experts.weights import sha256_file, update_manifest
+from experts.weights import WeightsError, read_manifest, sha256_file, update_manifest
 
 log = logging.getLogger("ensemble.fit")
 
@@ -60,87 +68,131 @@ def editing_fake_features(detector: EnsembleDetector, reals: list[Sample], cfg: 
     return np.concatenate(rows) if rows else np.zeros((0, len(detector.feature_names())))
 
 
-def content_id(path) -> str | None:
-    """sha256 of a file's bytes; None when it cannot be read (nothing trained or scored on it)."""
-    try:
-        return sha256_file(path)
-    except OSError:
-        return None
+REMOVE_COPIES = "Remove them (python -m data_prep.audit lists every duplicate)"
 
 
-def check_no_trainset_copies(val: list[Sample], trained: dict[str, str], where) -> list[str | None]:
-    """The content ids of the validation samples; LeakageError naming them when some are
-    byte-identical copies of training images (`trained`: content id -> where it was trained
-    on, e.g. `trainset/x.png`)."""
-    ids = [content_id(s.path) for s in val]
-    copies = [f"{s.name} = {trained[h]}" for s, h in zip(val, ids) if h in trained]
+def check_no_trainset_copies(samples: list[Sample], trained: dict[str, str], where, rows: str = "valset",
+                             remedy: str = REMOVE_COPIES) -> list[str | None]:
+    """The content ids of the samples; LeakageError naming them when some are byte-identical
+    copies of images the experts scoring them trained on (`trained`: content id -> where it
+    was trained on, e.g. `trainset/x.png`)."""
+    ids = [content_id(s.path) for s in samples]
+    copies = [f"{s.name} = {trained[h]}" for s, h in zip(samples, ids) if h in trained]
     if copies:
-        raise LeakageError(f"{where}: {len(copies)} valset image(s) are copies of trainset images the "
-                           f"experts trained on, e.g. {copies[:3]}; the stacker must not be fitted on "
-                           f"their scores. Remove them (python -m data_prep.audit lists every duplicate)")
+        raise LeakageError(f"{where}: {len(copies)} {rows} image(s) are copies of images the experts scoring "
+                           f"them trained on, e.g. {copies[:3]}; the stacker must not be fitted on their "
+                           f"scores. {remedy}")
     return ids
 
 
-def fit_ensemble(cfg: Config) -> dict:
-    if cfg.ensemble.method != "auto" and cfg.ensemble.method not in COMBINERS:  # now, not after the scoring
-        raise ConfigError(f"ensemble.method must be auto or one of {sorted(COMBINERS)}, got {cfg.ensemble.method!r}")
-    splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods)
-    # The guard: no expert may be stacked on a score of an image it was trained on. Compared
-    # by content, not by name: a trainset image copied into valset under a new name is caught,
-    # and two different images that share a name are not confused. Checked before scoring.
-    # The reals-only experts also trained on data.extra_reals: a validation image copied
-    # from there is leakage too.
+def holdout_rows(cfg: Config, splits: dict) -> StackingRows:
+    """The valset, scored by the experts of `out`, which trained on trainset (and the
+    reals-only ones also on data.extra_reals: a validation image copied from there is
+    leakage too)."""
     extra = [s for folder in cfg.data.extra_reals for s in read_extra_reals(folder)]
     trained = {h: f"trainset/{s.name}" for s in splits["trainset"] if (h := content_id(s.path))}
     trained.update({h: str(s.path) for s in extra if (h := content_id(s.path))})
-    val = splits["valset"]
-    val_ids = check_no_trainset_copies(val, trained, cfg.data_root)
-    detector = EnsembleDetector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta, use_stacker=False)
-    _, features, errors = score_samples(detector, [s.path for s in val], cfg.train.batch_size,
-                                        cfg.data.num_workers, progress=sys.stderr.isatty())
-    keep = [i for i in range(len(val)) if i not in errors]
-    ids = [val_ids[i] for i in keep]
-    y = np.array([val[i].target for i in keep])
+    return StackingRows("valset", Path(cfg.out), list(cfg.experts), splits["valset"], trained,
+                        str(cfg.data_root), REMOVE_COPIES)
+
+
+def stacking_matrix(cfg: Config, row_sets: list[StackingRows], columns: list[str]
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(X, y, number of editing fakes among the rows): the experts' features of every
+    readable image of every row set, then of the editing fakes of some of its reals.
+    Checked twice that no row is scored by an expert that trained on it: by content before
+    the scoring, and by `assemble_oof_matrix` on the scores themselves."""
+    # The guard: no expert may be stacked on a score of an image it was trained on. Compared
+    # by content, not by name: a training image copied under a new name is caught, and two
+    # different images that share a name are not confused. Every set before any scoring.
+    row_ids = [check_no_trainset_copies(rows.samples, rows.trained, rows.where, rows.name, rows.remedy)
+               for rows in row_sets]
+    blocks, targets, n_editing = [], [], 0
+    rng = np.random.default_rng(cfg.seed)
+    for rows, ids in zip(row_sets, row_ids):
+        detector = EnsembleDetector.from_weights(rows.weights, rows.experts, cfg.device, tta=cfg.train.tta,
+                                                 use_stacker=False, meta_features=cfg.ensemble.meta_features)
+        _, features, errors = score_samples(detector, [s.path for s in rows.samples], cfg.train.batch_size,
+                                            cfg.data.num_workers, progress=sys.stderr.isatty())
+        keep = [i for i in range(len(rows.samples)) if i not in errors]
+        own = detector.feature_names()  # the columns under these experts' names (<name>_fold<j>...)
+        if len(own) != len(columns):
+            raise ConfigError(f"{rows.weights}: its experts give the features {own}, the experts of "
+                              f"{cfg.out} {columns}: were they trained with other settings?")
+        scores = {col: dict(zip([ids[i] for i in keep], features[keep, j])) for j, col in enumerate(own)}
+        blocks.append(assemble_oof_matrix(scores, {col: set(rows.trained) for col in own}, [ids[i] for i in keep]))
+        targets.append(np.array([rows.samples[i].target for i in keep], dtype=int))
+        if cfg.ensemble.editing_fakes > 0:
+            reals = [rows.samples[i] for i in keep if rows.samples[i].target == 0]
+            chosen = sorted(rng.permutation(len(reals))[: round(cfg.ensemble.editing_fakes * len(reals))])
+            fakes = editing_fake_features(detector, [reals[i] for i in chosen], cfg)
+            blocks.append(fakes)
+            targets.append(np.ones(len(fakes), dtype=int))
+            n_editing += len(fakes)
+    return np.vstack(blocks), np.concatenate(targets), n_editing
+
+
+def fit_ensemble(cfg: Config) -> dict:
+    """Fit the stacker (k-fold: on the fold experts already trained) and record it in `out`."""
+    if cfg.ensemble.method != "auto" and cfg.ensemble.method not in COMBINERS:  # now, not after the scoring
+        raise ConfigError(f"ensemble.method must be auto or one of {sorted(COMBINERS)}, got {cfg.ensemble.method!r}")
+    k = check_oof_config(cfg)
+    splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods)
+    # The experts the stacker combines at test time: the ones trained on all the data.
+    detector = EnsembleDetector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta,
+                                             use_stacker=False, meta_features=cfg.ensemble.meta_features)
     columns = detector.feature_names()
-    expert_scores = {col: dict(zip(ids, features[keep, j])) for j, col in enumerate(columns)}
-    X = assemble_oof_matrix(expert_scores, {col: set(trained) for col in columns}, ids)
-    n_editing = 0
-    if cfg.ensemble.editing_fakes > 0:
-        reals = [val[i] for i in keep if val[i].target == 0]
-        rng = np.random.default_rng(cfg.seed)
-        chosen = sorted(rng.permutation(len(reals))[: round(cfg.ensemble.editing_fakes * len(reals))])
-        extra = editing_fake_features(detector, [reals[i] for i in chosen], cfg)
-        X, y, n_editing = np.vstack([X, extra]), np.concatenate([y, np.ones(len(extra), int)]), len(extra)
+    if k:
+        pool = splits["trainset"] + splits["valset"]
+        row_sets = out_of_fold_rows(cfg, pool, {s.name: content_id(s.path) for s in pool})
+    else:
+        row_sets = [holdout_rows(cfg, splits)]
+    X, y, n_editing = stacking_matrix(cfg, row_sets, columns)
 
     counts = np.bincount(y, minlength=2)
     if counts.min() < 2:
-        raise DataLayoutError(f"{cfg.data_root}: the stacker is fitted on the scored valset images, which hold "
+        scored = " + ".join(rows.name for rows in row_sets)
+        raise DataLayoutError(f"{cfg.data_root}: the stacker is fitted on the scored {scored} images, which hold "
                               f"{counts[0]} real(s) and {counts[1]} fake(s); it needs at least 2 of each")
-    # Every expert score means "higher is faker"; the TTA spreads may point either way.
+    # Every expert score means "higher is faker"; the TTA spreads and error terms may point either way.
     monotone = [int(cfg.ensemble.monotone and col in detector.experts) for col in columns]
     stacker = StackingEnsemble(method=cfg.ensemble.method, cv=cfg.ensemble.cv, random_state=cfg.seed,
-                               feature_names=columns, monotone=monotone).fit(X, y)
+                               feature_names=columns, monotone=monotone,
+                               n_scores=len(detector.experts)).fit(X, y)
     out = Path(cfg.out)
     path = out / ENSEMBLE_FILE
     write_files_atomically({path: json.dumps(stacker.to_state()).encode()})  # a full disk: one line
+    n_scored = len(y) - n_editing
+    fitted_on = (f"out-of-fold scores of trainset+valset ({n_scored} images, {k} folds)" if k
+                 else f"valset ({n_scored} images, hold-out)")
     entry = {"file": path.name, "sha256": sha256_file(path), "experts": list(detector.experts),
-             "tta": detector.tta, "method": stacker.method_, "feature_names": columns,
-             "cv_auc": stacker.cv_auc_,
-             "fitted_on": f"valset ({len(y) - n_editing} images, hold-out)"
-                          + (f" + {n_editing} editing fakes of its reals" if n_editing else "")}
+             "tta": detector.tta, "meta_features": detector.meta_features, "method": stacker.method_,
+             "feature_names": columns, "cv_auc": stacker.cv_auc_,
+             "fitted_on": fitted_on + (f" + {n_editing} editing fakes of its reals" if n_editing else "")}
     update_manifest(out, "ensemble", "stacker", entry)
     log.info("stacker: %s (cross-validated AUC %s) -> %s", stacker.method_,
-             {k: round(v, 4) for k, v in stacker.cv_auc_.items()}, path)
+             {name: round(auc, 4) for name, auc in stacker.cv_auc_.items()}, path)
     return entry
 
 
 @entry_point
 def main(argv=None) -> int:
-    args = CommandLine("python -m ensemble.fit", __doc__, positional="DATA_ROOT", required=False).parse_args(argv)
+    parser = CommandLine("python -m ensemble.fit", __doc__, positional="DATA_ROOT", required=False)
+    parser.add_argument("--reuse-fold-experts", action="store_true",
+                        help="k-fold stacking: fit on the fold experts already in <run_dir>/oof, train none")
+    args = parser.parse_args(argv)
     cfg = config_from(args, data_root=args.positional)
     if not cfg.data_root:
         raise UsageError("no data root: python -m ensemble.fit DATA_ROOT [key=value ...]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if check_oof_config(cfg) and not args.reuse_fold_experts:
+        splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods)
+        # The experts the stacker will combine must be there before K trainings, not after.
+        missing = [n for n in cfg.experts if n not in read_manifest(cfg.out).get("experts", {})]
+        if missing:
+            raise WeightsError(f"{cfg.out}: no expert(s) {missing} trained on all the data "
+                               f"(python -m experts.train) for the stacker to combine")
+        train_fold_experts(cfg, splits["trainset"] + splits["valset"])
     fit_ensemble(cfg)
     return 0
 

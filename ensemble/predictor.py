@@ -27,6 +27,11 @@ from experts.weights import WeightsError, face_config_of, load_expert, read_mani
 
 ENSEMBLE_FILE = "ensemble.json"
 
+# Stacker inputs beyond each expert's score and TTA spread (ensemble.meta_features):
+# dae_terms = the three error terms of every expert that has them (experts.dae).
+META_FEATURES = ("dae_terms",)
+DAE_TERMS = ("global", "patch", "feature")
+
 
 def crop_to_inputs(crop: np.ndarray, sizes) -> dict[int, torch.Tensor]:
     """A face crop (H x W x 3 uint8) -> {input size: uint8 tensor (3, S, S)}, resized as in training."""
@@ -42,12 +47,25 @@ class EnsembleDetector:
     device: torch.device
     tta: list[str] = field(default_factory=list)
     stacker: object | None = None      # ensemble.stacking.StackingEnsemble, or None = mean
+    meta_features: list[str] = field(default_factory=list)  # of META_FEATURES: more stacker inputs
+
+    def __post_init__(self):
+        unknown = sorted(set(self.meta_features) - set(META_FEATURES))
+        if unknown:
+            raise ConfigError(f"ensemble.meta_features: unknown {unknown}; known: {list(META_FEATURES)}")
+        fitted = getattr(self.stacker, "feature_names", None)
+        if fitted is not None and list(fitted) != self.feature_names():  # else a traceback at scoring
+            raise WeightsError(f"the stacker was fitted on the columns {list(fitted)}, but these experts with "
+                               f"TTA {self.tta} and meta-features {self.meta_features} give "
+                               f"{self.feature_names()}; use the settings it was fitted with, or refit it")
 
     @classmethod
     def from_weights(cls, weights_dir, experts: list[str] | None = None, device="auto",
-                     tta: list[str] | None = None, use_stacker: bool = True) -> "EnsembleDetector":
+                     tta: list[str] | None = None, use_stacker: bool = True,
+                     meta_features: list[str] | None = None) -> "EnsembleDetector":
         """`use_stacker=False`: the experts alone (plain mean), without reading the stacker,
-        as `ensemble.fit` needs when it is about to replace it."""
+        as `ensemble.fit` needs when it is about to replace it. `tta` and `meta_features`
+        default to the stacker's."""
         weights_dir = Path(weights_dir)
         manifest = read_manifest(weights_dir)
         available = list(manifest.get("experts", {}))
@@ -71,30 +89,46 @@ class EnsembleDetector:
             path = verified_file(weights_dir, ens, "ensemble")
             stacker = StackingEnsemble.from_state(json.loads(path.read_text()))
             tta = ens.get("tta", []) if tta is None else tta
-        return cls(loaded, face, dev, list(tta or []), stacker)
+            meta_features = ens.get("meta_features", []) if meta_features is None else meta_features
+        return cls(loaded, face, dev, list(tta or []), stacker, list(meta_features or []))
 
     @property
     def input_sizes(self) -> list[int]:
         return sorted({m.image_size for m in self.experts.values()})
 
+    def _with_error_terms(self) -> list[str]:
+        """The experts whose error terms are stacker inputs (meta-feature dae_terms)."""
+        if "dae_terms" not in self.meta_features:
+            return []
+        return [n for n, model in self.experts.items() if hasattr(model, "score_terms")]
+
     def feature_names(self) -> list[str]:
         names = list(self.experts)
         if self.tta:
             names += [f"{n}_tta_spread" for n in self.experts]
+        names += [f"{n}_{term}_error" for n in self._with_error_terms() for term in DAE_TERMS]
         return names
 
     @torch.inference_mode()
     def expert_features(self, batch: dict[int, torch.Tensor]) -> np.ndarray:
         """(B, n_features): each expert's P(fake), averaged over TTA views, then (with TTA)
-        each expert's spread between views, a cue of uncertainty the stacker may use."""
+        each expert's spread between views, a cue of uncertainty the stacker may use, then
+        (meta-feature dae_terms) each DAE's three error terms, averaged over the views."""
         inputs = {size: to_unit_float(t, self.device) for size, t in batch.items()}
-        means, spreads = [], []
-        for model in self.experts.values():
-            x = inputs[model.image_size]
-            views = torch.stack([model.predict_proba(v) for v in tta_views(x, self.tta)]).float().cpu()
-            means.append(views.mean(0))
-            spreads.append(views.max(0).values - views.min(0).values)
-        cols = means + (spreads if self.tta else [])
+        means, spreads, errors = [], [], []
+        with_terms = self._with_error_terms()
+        for name, model in self.experts.items():
+            views = tta_views(inputs[model.image_size], self.tta)
+            p_fake = torch.stack([model.predict_proba(v) for v in views]).float().cpu()
+            means.append(p_fake.mean(0))
+            spreads.append(p_fake.max(0).values - p_fake.min(0).values)
+            if name in with_terms:
+                # Each term relative to its mean on the training reals (1 = as a typical real),
+                # as r / (1 + r): in (0, 1) like a score, and logit(r / (1 + r)) = log r, so
+                # the logistic stacker reads log error ratios.
+                ratio = torch.stack([model.score_terms(v) / model.term_scale for v in views]).float().mean(0).cpu()
+                errors += list((ratio / (1 + ratio)).unbind(1))
+        cols = means + (spreads if self.tta else []) + errors
         return torch.stack(cols, dim=1).numpy()
 
     def combine(self, features: np.ndarray) -> np.ndarray:

@@ -1,12 +1,13 @@
 """Fuse expert scores into one P(fake), plus guards against training leakage.
 
 Each row of X holds the scores of several experts for one sample (columns
-are experts; extra columns such as test-time-augmentation spread are fine).
+are experts; extra columns such as test-time-augmentation spread are fine,
+after the scores: ``n_scores`` says how many columns are scores).
 ``StackingEnsemble`` learns how to combine them. With method='auto' it tries
 four combiners by cross-validated AUC and keeps the best:
 
-  mean       plain average of the columns (no fitting)
-  rank_mean  average of each column's rank within the training scores
+  mean       plain average of the score columns (no fitting)
+  rank_mean  average of each score column's rank within the training scores
   logreg     logistic regression on logit-transformed, standardised scores
   lgbm       small LightGBM model
 
@@ -61,6 +62,9 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
         (logreg: a non-negative coefficient; lgbm: a monotone constraint). Expert scores
         all mean "higher is faker": a learner that may weight one negatively fits how an
         expert fails on the validation set's own methods, which reverses on new ones.
+    n_scores : how many leading columns are expert scores, the only ones the plain and
+        rank means average (the others, e.g. TTA spreads, are inputs of the learned
+        combiners only); None = every column.
 
     Fitted attributes: ``method_`` (chosen combiner), ``cv_auc_`` (method ->
     CV AUC; only the fixed method unless 'auto'), ``n_features_in_``, ``classes_``, and
@@ -68,13 +72,14 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, method="auto", cv=5, random_state=0, feature_names=None, lgbm_params=None,
-                 monotone=None):
+                 monotone=None, n_scores=None):
         self.method = method
         self.cv = cv
         self.random_state = random_state
         self.feature_names = feature_names
         self.lgbm_params = lgbm_params
         self.monotone = monotone
+        self.n_scores = n_scores
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -98,6 +103,8 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
             raise ValueError(f"{len(self.feature_names)} feature names for {X.shape[1]} columns")
         if self.monotone is not None and len(self.monotone) != X.shape[1]:
             raise ValueError(f"monotone has {len(self.monotone)} entries for {X.shape[1]} columns")
+        if self.n_scores is not None and not 1 <= self.n_scores <= X.shape[1]:
+            raise ValueError(f"n_scores={self.n_scores} score columns, but X has {X.shape[1]} columns")
 
         candidates = AUTO_CANDIDATES if self.method == "auto" else (self.method,)
         self.cv_auc_ = {name: self._cross_validated_auc(name, X, y) for name in candidates}
@@ -115,7 +122,7 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
             return LGBMCombiner(params)
         if name == "logreg":
             return LogRegCombiner(monotone=monotone)
-        return COMBINERS[name]()
+        return COMBINERS[name](n_columns=self.n_scores)  # mean, rank_mean: of the scores only
 
     def _cross_validated_auc(self, name, X, y):
         """Mean AUC over stratified folds of a fresh combiner fitted on each training split."""

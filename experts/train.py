@@ -46,13 +46,17 @@ from common.runtime import Runtime, mixed_precision, sample_seed, seed_everythin
 from configs import Config, config_from, to_dict
 from data_prep.dataset import Sample, load_splits, read_extra_reals, summarize
 from data_prep.faces import FaceCropCache
-from data_prep.folds import fold_samples
+from data_prep.folds import fold_samples, read_folds
 from data_prep.loaders import EpochSampler, FaceCropDataset, cache_face_crops, make_loader
 from experts import Expert, create_expert
 from experts.base import check_expert_config
 from experts.weights import save_expert
 
 log = logging.getLogger("train")
+
+# In a data.folds_csv: an image neither trained nor validated on (k-fold stacking, ensemble.oof,
+# scores it with this fold's experts afterwards).
+HELD_OUT_FOLD = -2
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -337,6 +341,12 @@ def main(argv=None) -> int:
     if not cfg.data_root:
         raise UsageError("no data root: python -m experts.train DATA_ROOT [key=value ...]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    train_experts(cfg)
+    return 0
+
+
+def train_experts(cfg: Config) -> None:
+    """Train every expert of `cfg.experts` (with data.folds_csv: on fold data.fold's split)."""
     # Every expert's settings before any is trained: a bad key must not surface hours in.
     kinds = [check_expert_config(cfg.expert_config(name), name) for name in cfg.experts]
     rt = setup_runtime(cfg.device, cfg.threads)
@@ -344,7 +354,9 @@ def main(argv=None) -> int:
                          allow_real_only=cfg.data.online_fakes > 0)
     suffix = ""
     if cfg.data.folds_csv:  # leave-one-cluster-out: fold k validates on cluster k
-        splits["trainset"], splits["valset"] = fold_samples(splits["trainset"] + splits["valset"],
+        pool = splits["trainset"] + splits["valset"]
+        held_out = {name for name, fold in read_folds(cfg.data.folds_csv).items() if fold == HELD_OUT_FOLD}
+        splits["trainset"], splits["valset"] = fold_samples([s for s in pool if s.name not in held_out],
                                                             cfg.data.folds_csv, cfg.data.fold)
         suffix = f"_fold{cfg.data.fold}"
     if cfg.data.extra_reals and any(kind.trains_on_real_only for kind in kinds):
@@ -363,7 +375,6 @@ def main(argv=None) -> int:
         train_expert(cfg, name, splits, rt, export_name=name + suffix)
     if rt.world > 1:
         dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

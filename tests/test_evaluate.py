@@ -173,18 +173,35 @@ def test_video_metrics(trained, tmp_path):
         write_video(videos / f"clip{target}.mp4", frames)
     (videos / "labels.csv").write_text("video_name,target\nclip0.mp4,0\nclip1.mp4,1\n")
     cfg = load_config("cpu", args[1:] + [f"data_root={root}"])
+
+    def brightness(tracked):  # stands in for a sequence model: one score from a video's crops
+        return float(np.mean([crop.mean() for crop in tracked.crops]) / 255)
+
     result = ev.evaluate(cfg, "testset", weights=weights, reports=tmp_path / "rep", videos=videos,
-                         plots=False, frames=4)
+                         plots=False, frames=4, extra_video_scores={"brightness": brightness})
     video = result["video"]
     assert video["n_videos"] == 2 and video["n_frames"] == 8 and video["unreadable"] == []
     assert set(video["frame_level"]["ensemble"]) == METRIC_KEYS
     assert video["frame_level"]["ensemble"]["n"] == 8
-    assert set(video["video_level"]) == {"mean", "confidence"}
-    for rule in ("mean", "confidence"):
+    rules = ["mean", "median", "confidence", "max", "top-k"]
+    assert list(video["video_level"]) == rules + ["brightness"]
+    for rule in rules:
         for name in ("convnext", "dae", "ensemble", "mean"):
             row = video["video_level"][rule][name]
             assert row["n"] == 2 and row["n_fake"] == 1 and 0.0 <= row["auc"] <= 1.0
+    assert video["video_level"]["brightness"]["brightness"]["n"] == 2
+    for row in video["videos"]:
+        assert 0 <= row["n_face_frames"] <= row["n_frames"] == 4
+        assert {f"p_{rule}" for rule in rules + ["brightness"]} <= set(row)
+        assert row["p_mean"] <= row["p_top-k"] <= row["p_max"]
     saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())
-    assert saved["video"]["video_level"]["confidence"]["ensemble"]["n"] == 2
+    assert saved["video"]["video_level"]["top-k"]["ensemble"]["n"] == 2
     text = (tmp_path / "rep" / "metrics.md").read_text()
-    assert "video level, rule `mean`" in text and "video level, rule `confidence`" in text
+    assert "video level, rule `mean`" in text and "video level, rule `top-k`" in text
+
+    from ensemble.video_eval import evaluate_videos, per_video_table
+    table = per_video_table(video).splitlines()
+    assert table[0] == "| video | label | frames with a face | mean | median | confidence | max | top-k | brightness |"
+    assert table[2].startswith("| clip0.mp4 | real | ") and len(table) == 4
+    with pytest.raises(ValueError, match="'max'"):  # an extra score never hides a frame rule
+        evaluate_videos(None, videos, None, {}, 4, "ensemble", extra_video_scores={"max": brightness})

@@ -162,3 +162,7 @@ def test_infer_scores_a_folder_of_videos(trained_ensemble, tmp_path, capsys):
 
     assert infer.main([str(folder / "a.mp4"), "--weights", str(trained_ensemble["weights"]), "--frames", "4"]) == 0
     assert re.fullmatch(r"Prediction of \[.*a\.mp4\] being Deepfake: \d\.\d{6}\n", capsys.readouterr().out)
+    # the top-k rule, on frames capped from 96 to 64 px
+    assert infer.main([str(folder / "a.mp4"), "--weights", weights, "--frames", "4", "--video-rule", "top-k",
+                       "--max-side", "64"]) == 0
+    assert re.fullmatch(r"Prediction of \[.*a\.mp4\] being Deepfake: \d\.\d{6}\n", capsys.readouterr().out)

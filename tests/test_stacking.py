@@ -245,3 +245,29 @@ def test_monotone_survives_json_and_checks_its_length():
     np.testing.assert_array_equal(StackingEnsemble.from_state(state).predict_proba(X), fitted.predict_proba(X))
     with pytest.raises(ValueError, match="monotone has 1 entries for 2 columns"):
         StackingEnsemble(method="logreg", monotone=[1]).fit(X, y)
+
+
+# -- score columns and other meta-features ----------------------------------------------
+
+def test_plain_and_rank_means_average_only_the_score_columns(train_test):
+    """With n_scores, a TTA spread or DAE error term after the scores is an input of the learned
+    combiners only: the plain and rank means stay means of the expert scores."""
+    X_train, y_train, X_test, _ = train_test
+    mean = StackingEnsemble(method="mean", n_scores=2).fit(X_train, y_train)
+    np.testing.assert_allclose(mean.predict_proba(X_test)[:, 1], X_test[:, :2].mean(axis=1))
+    ranks = StackingEnsemble(method="rank_mean", n_scores=2).fit(X_train, y_train)
+    only_scores = StackingEnsemble(method="rank_mean").fit(X_train[:, :2], y_train)
+    np.testing.assert_allclose(ranks.predict_proba(X_test), only_scores.predict_proba(X_test[:, :2]))
+    for model in (mean, ranks):
+        restored = StackingEnsemble.from_state(json.loads(json.dumps(model.to_state())))
+        assert np.array_equal(restored.predict_proba(X_test), model.predict_proba(X_test))
+    with pytest.raises(ValueError, match="n_scores=4 score columns, but X has 3 columns"):
+        StackingEnsemble(method="mean", n_scores=4).fit(X_train, y_train)
+
+
+def test_a_mean_state_written_before_n_scores_averages_every_column(train_test):
+    X_train, y_train, X_test, _ = train_test
+    state = json.loads(json.dumps(StackingEnsemble(method="mean").fit(X_train, y_train).to_state()))
+    del state["params"]["n_scores"]
+    state["combiner"] = {}
+    np.testing.assert_allclose(StackingEnsemble.from_state(state).predict_proba(X_test)[:, 1], X_test.mean(axis=1))

@@ -71,7 +71,7 @@ def test_sample_frames_reads_the_expected_frames(clip, monkeypatch, seek_min_gap
 
 
 def test_sample_frames_falls_back_to_sequential_read(clip, monkeypatch):
-    monkeypatch.setattr(video, "_read_by_seeking", lambda capture, indices: None)  # "seek failed"
+    monkeypatch.setattr(video, "_read_by_seeking", lambda capture, indices, max_side: None)  # "seek failed"
     frames = sample_frames(clip, 5)
     assert [i for i, _ in frames] == [4, 12, 20, 28, 36]
     assert [read_index(rgb) for _, rgb in frames] == [4, 12, 20, 28, 36]
@@ -104,6 +104,22 @@ def test_aggregate_rules():
     assert aggregate_frame_scores([0.45, 0.45, 0.45, 0.99, 0.99], "mean") < 0.7
     assert aggregate_frame_scores([0.5, 0.5], "confidence") == pytest.approx(0.5)
     assert aggregate_frame_scores(np.array([0.3]), "confidence") == pytest.approx(0.3)
+
+
+def test_top_k_rule_is_the_mean_of_the_most_fake_looking_frames():
+    # default k: a quarter of the frames, rounded up, at least one
+    assert aggregate_frame_scores([0.1, 0.2, 0.9, 0.95], "top-k") == pytest.approx(0.95)  # k = 1
+    sixteen = [0.1] * 12 + [0.6, 0.7, 0.8, 0.9]
+    assert aggregate_frame_scores(sixteen, "top-k") == pytest.approx(0.75)  # k = 4
+    assert aggregate_frame_scores([0.2] * 4 + [0.9], "top-k") == pytest.approx(0.55)  # k = ceil(1.25) = 2
+    assert aggregate_frame_scores([0.3], "top-k") == pytest.approx(0.3)
+    assert aggregate_frame_scores([0.1, 0.2, 0.9, 0.95], "top-k", top_k=2) == pytest.approx(0.925)
+    # between max and mean: one false alarm among 16 frames moves it by a quarter of max's error
+    one_alarm = [0.1] * 15 + [0.9]
+    assert aggregate_frame_scores(one_alarm, "top-k") == pytest.approx(0.3)
+    assert aggregate_frame_scores(one_alarm, "mean") < 0.3 < aggregate_frame_scores(one_alarm, "max")
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        aggregate_frame_scores([0.5], "top-k", top_k=0)
 
 
 @pytest.mark.parametrize("scores, rule", [([], "mean"), ([0.5, 1.5], "mean"), ([float("nan")], "max"),

@@ -1,0 +1,136 @@
+"""The temporal head and its scoring API: P(fake) of a video from the sequence of its face crops.
+
+A small GRU over one trained frame expert's per-frame embeddings. A face manipulated frame
+by frame also shows itself over time: its blend, colour and texture flicker from one frame
+to the next, where a real face changes smoothly. `TemporalHead` reads, for each frame t, the
+frozen frame expert's embedding e_t (standardised with the training frames' mean and std)
+and its change e_t - e_{t-1}, runs a GRU over the sequence and gives P(fake) of the whole
+sequence. `python -m ensemble.temporal` trains it (ensemble/temporal.py: where the sequences
+come from); this module only loads and scores, so that any stage may import it.
+
+    model = load_temporal("weights")               # None when no head was trained there
+    p = temporal_score(model, face_crops)           # one video's face crops, in frame order
+
+The head is `<weights>/temporal.safetensors`, listed in the manifest as `ensemble.temporal`
+with its sha256, its config, the frame expert and that expert's sha256: a retrained frame
+expert makes the head stale, and loading then refuses it with one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from common.inputs import to_unit_float
+from common.runtime import select_device
+from configs import FaceConfig
+from data_prep.transforms import crop_to_tensor
+from experts.base import Expert
+from experts.weights import MANIFEST, WeightsError, face_config_of, load_expert, read_manifest, verified_file
+
+TEMPORAL_FILE = "temporal.safetensors"
+MANIFEST_SECTION, MANIFEST_NAME = "ensemble", "temporal"   # manifest["ensemble"]["temporal"]
+EMBED_BATCH = 64
+
+
+class TemporalHead(nn.Module):
+    """(B, T, D) frame embeddings + lengths (B,) -> logit of P(fake) per sequence (B,)."""
+
+    def __init__(self, embed_dim: int, hidden: int):
+        super().__init__()
+        # The training frames' statistics, saved with the weights: embeddings of any expert
+        # (16 values for MesoNet, hundreds for a timm backbone) reach the GRU on one scale.
+        self.register_buffer("embed_mean", torch.zeros(embed_dim))
+        self.register_buffer("embed_std", torch.ones(embed_dim))
+        self.gru = nn.GRU(2 * embed_dim, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, embeddings: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = (embeddings - self.embed_mean) / self.embed_std
+        change = torch.diff(x, dim=1, prepend=x[:, :1])   # 0 at the first frame
+        packed = nn.utils.rnn.pack_padded_sequence(torch.cat([x, change], dim=2), lengths.cpu(),
+                                                   batch_first=True, enforce_sorted=False)
+        _, last_state = self.gru(packed)                    # the state after each sequence's last frame
+        return self.out(last_state[-1]).squeeze(1)
+
+
+def padded(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences (T_i, D) -> zero-padded (B, max T, D) and their lengths (B,)."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    return nn.utils.rnn.pad_sequence(sequences, batch_first=True), lengths
+
+
+@torch.no_grad()
+def run_expert(expert: Expert, crops: list[np.ndarray], device) -> tuple[torch.Tensor, np.ndarray]:
+    """Face crops -> (embeddings (T, D) float32 on the CPU, the expert's P(fake) per crop (T,))."""
+    embeddings, scores = [], []
+    for start in range(0, len(crops), EMBED_BATCH):
+        x = to_unit_float(torch.stack([crop_to_tensor(c, expert.image_size)
+                                       for c in crops[start:start + EMBED_BATCH]]), device)
+        embeddings.append(expert.embed(x).float().cpu())
+        scores.append(expert.predict_proba(x).float().cpu())
+    return torch.cat(embeddings), torch.cat(scores).numpy()
+
+
+@dataclass
+class TemporalModel:
+    """A trained temporal head with the frozen frame expert whose embeddings it reads."""
+    head: TemporalHead
+    expert: Expert
+    expert_name: str
+    face: FaceConfig                 # the frame expert's face-crop settings: crop the frames with these
+    device: torch.device
+
+    @torch.inference_mode()
+    def score(self, crops: list[np.ndarray]) -> float:
+        if not crops:
+            raise ValueError("temporal_score: no face crops")
+        embeddings, _ = run_expert(self.expert, list(crops), self.device)
+        batch, lengths = padded([embeddings.to(self.device)])
+        return float(torch.sigmoid(self.head(batch, lengths))[0])
+
+
+def temporal_score(temporal_or_weights, crops: list[np.ndarray]) -> float:
+    """P(fake) of one video from its face crops (H x W x 3 uint8, in frame order), by a
+    TemporalModel or the head in a weights folder (loaded on each call: to score many videos,
+    `load_temporal` once)."""
+    model = temporal_or_weights
+    if not isinstance(model, TemporalModel):
+        model = load_temporal(temporal_or_weights)
+        if model is None:
+            raise WeightsError(f"{Path(temporal_or_weights) / TEMPORAL_FILE}: no temporal head here; "
+                               f"train one with `python -m ensemble.temporal ROOT --weights "
+                               f"{temporal_or_weights}`")
+    return model.score(crops)
+
+
+def load_temporal(weights_dir, device="cpu") -> TemporalModel | None:
+    """The temporal head of a weights folder with its frame expert, loaded strictly from
+    safetensors after checking the sha256 of both files; None when no head was trained there."""
+    weights_dir = Path(weights_dir)
+    manifest = read_manifest(weights_dir)
+    entry = manifest.get(MANIFEST_SECTION, {}).get(MANIFEST_NAME)
+    if entry is None:
+        if (weights_dir / TEMPORAL_FILE).exists():
+            raise WeightsError(f"{weights_dir / TEMPORAL_FILE}: not listed in {MANIFEST}; "
+                               f"retrain it with `python -m ensemble.temporal`")
+        return None
+    path = verified_file(weights_dir, entry, "temporal head")
+    name = entry["expert"]
+    expert_entry = manifest.get("experts", {}).get(name)
+    if expert_entry is None or expert_entry["sha256"] != entry["expert_sha256"]:
+        raise WeightsError(f"{path}: trained on the embeddings of expert {name!r} as it was, which "
+                           f"has been {'removed' if expert_entry is None else 'retrained'} since; "
+                           f"retrain it with `python -m ensemble.temporal ROOT --weights {weights_dir}`")
+    dev = select_device(device)
+    expert, _ = load_expert(weights_dir, name, dev)
+    head = TemporalHead(entry["embed_dim"], entry["config"]["hidden"])
+    try:
+        head.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    except Exception as err:  # wrong keys or shapes, unreadable file
+        raise WeightsError(f"{path}: cannot load the temporal head: {str(err).splitlines()[0]}") from None
+    return TemporalModel(head.to(dev).eval(), expert, name, face_config_of(expert_entry), dev)
