@@ -15,6 +15,14 @@ the folder), else counted in a warning. A video is scored by sampling `--frames`
 evenly (downscaled when their longer side exceeds `--max-side`), following one face through
 them (data_prep.tracking; detected on copies of at most `--detect-side` pixels), scoring each
 crop, and aggregating the frame scores (`--video-rule`, see data_prep.video.aggregate_frame_scores).
+`--video-rule temporal` instead gives the tracked crops, in frame order, to the temporal head
+trained beside the experts (`python -m ensemble.temporal`; torch backend only), which reads how
+the face changes from frame to frame.
+
+`--precision bf16` runs the experts' forward passes under bf16 autocast (scores stay float32),
+`auto` does so only where the CPU or GPU computes bf16 natively; the default is
+ensemble.predictor.DEFAULT_PRECISION (shown below). The ONNX backend runs its fp32 export: it
+refuses bf16.
 
 A file that cannot be read gets a warning naming it and the reason; in a CSV it still gets
 a row with y_pred 0.5 and a line in `out.csv.errors`, so one broken image never sinks a
@@ -42,9 +50,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 FALLBACK_SCORE = 0.5  # an unreadable file says nothing either way
 
 
+TEMPORAL_RULE = "temporal"  # --video-rule: the temporal head instead of a rule over frame scores
+
+
 def parse_args(argv):
     from data_prep.faces import DETECT_SIDE
     from data_prep.video import AGGREGATION_RULES, MAX_SIDE
+    from ensemble.predictor import DEFAULT_PRECISION, PRECISIONS
 
     parser = CommandLine("python infer.py", __doc__, config=False)
     parser.add_argument("inputs", nargs="+", help="image/video files, folders or glob patterns")
@@ -59,8 +71,12 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
                         help="decode/crop worker processes (0 = in the main process)")
     parser.add_argument("--frames", type=int, default=16, help="frames sampled per video")
-    parser.add_argument("--video-rule", default="confidence", choices=AGGREGATION_RULES,
-                        help="how frame scores make a video's score (top-k: mean of the top quarter)")
+    parser.add_argument("--video-rule", default="confidence", choices=[*AGGREGATION_RULES, TEMPORAL_RULE],
+                        help="how frame scores make a video's score (top-k: mean of the top quarter); "
+                             "temporal: the temporal head over the frame sequence")
+    parser.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
+                        help="of the experts' forward passes: bf16 autocast, or auto = bf16 where the device "
+                             "has native bf16 (default %(default)s)")
     parser.add_argument("--max-side", type=int, default=MAX_SIDE,
                         help="video frames larger than this (longer side) are downscaled to it; 0 = native")
     parser.add_argument("--detect-side", type=int, default=DETECT_SIDE,
@@ -72,6 +88,10 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.backend == "onnx" and args.device == "cuda":
         parser.error("--backend onnx runs on the CPU; leave out --device cuda")
+    if args.backend == "onnx" and args.precision == "bf16":
+        parser.error("--backend onnx runs its fp32 export; --precision bf16 needs --backend torch")
+    if args.backend == "onnx" and args.video_rule == TEMPORAL_RULE:
+        parser.error("--video-rule temporal runs the temporal head in torch; it needs --backend torch")
     if args.frames < 1 or args.max_side < 0 or args.detect_side < 32:
         parser.error("--frames must be >= 1, --max-side >= 0 and --detect-side >= 32")
     return args
@@ -142,10 +162,15 @@ def score_images(detector, paths, args, on_error) -> dict[Path, float]:
     return scores
 
 
-def score_video(detector, path: Path, args) -> float:
+def score_video(detector, path: Path, args, temporal=None) -> float:
+    """P(fake) of one video: by the temporal head when one is given (--video-rule temporal),
+    else by `args.video_rule` over the ensemble's frame scores."""
     from data_prep.video import aggregate_frame_scores, sample_face_crops
 
-    tracked = sample_face_crops(path, detector.face, args.frames, args.max_side, args.detect_side)
+    face = temporal.face if temporal is not None else detector.face
+    tracked = sample_face_crops(path, face, args.frames, args.max_side, args.detect_side)
+    if temporal is not None:
+        return temporal.score(tracked.crops)
     p, _ = detector.score_crops(detector.batch_of_crops(tracked.crops))
     return aggregate_frame_scores(p.tolist(), args.video_rule)
 
@@ -169,11 +194,16 @@ def main(argv=None) -> int:
 
     tta = None if args.tta is None else [t for t in args.tta.split(",") if t and t != "none"]
     experts = args.experts.split(",") if args.experts else None
-    if args.backend == "onnx":
+    if args.backend == "onnx":  # fp32: parse_args refused --precision bf16, and auto means fp32 here
         from ensemble.onnx_backend import onnx_detector
         detector = onnx_detector(args.weights, experts, tta)
     else:
-        detector = EnsembleDetector.from_weights(args.weights, experts, args.device, tta)
+        detector = EnsembleDetector.from_weights(args.weights, experts, args.device, tta,
+                                                 precision=args.precision)
+    temporal = None
+    if args.video_rule == TEMPORAL_RULE:  # loaded once, before any input, so no head fails at once
+        from ensemble.temporal_model import require_temporal
+        temporal = require_temporal(args.weights, detector.device, args.precision)
 
     files, problems, names = expand_inputs(args.inputs, args.recursive)
     for message in problems:
@@ -191,7 +221,7 @@ def main(argv=None) -> int:
         scores = score_images(detector, images, args, on_error) if images else {}
         for video in (p for p in files if is_video_file(p)):
             try:
-                scores[video] = score_video(detector, video, args)
+                scores[video] = score_video(detector, video, args, temporal)
             except VideoDecodeError as err:
                 on_error(video, str(err))
             except OSError as err:  # a dangling link, a folder named like a video, ...

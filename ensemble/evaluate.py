@@ -2,7 +2,7 @@
 
     python -m ensemble.evaluate DATA_ROOT [--split valset|testset] [--weights DIR] [--reports DIR]
                                [--videos VIDEO_DIR] [--frames 16] [--max-side 1920] [--detect-side 320]
-                               [--gradcam N] [--no-plots]
+                               [--precision fp32|bf16|auto] [--gradcam N] [--no-plots]
                                [profile=cpu] [key=value ...]
     python -m ensemble.evaluate [DATA_ROOT] --test LABELLED_DIR [...]     # any labelled folder
     python -m ensemble.evaluate LABELLED_DIR [...]                        # the same, thresholds 0.5
@@ -33,8 +33,13 @@ figures drawn by `ensemble.visuals`):
 video (decoded resolution capped to `--max-side`), one face is tracked through them (faces
 detected on copies of at most `--detect-side` pixels) and scored; frame-level metrics label
 each frame with its video's label; video-level metrics aggregate the frame scores with every
-frame rule (mean, median, confidence, max, top-k); a per-video table is printed
-(ensemble.video_eval).
+frame rule (mean, median, confidence, max, top-k) and, when the weights folder holds a
+temporal head (`python -m ensemble.temporal`), with the rule `temporal`: the head's score of
+the tracked sequence, cut at 0.5 (a head made stale by a retrained frame expert is skipped
+with a warning); a per-video table is printed (ensemble.video_eval).
+
+`--precision bf16` runs the experts' forward passes under bf16 autocast, `auto` where the
+device has native bf16 (ensemble.predictor); metrics.json records the precision used.
 
 `--test DIR` evaluates any labelled folder (another data set's testset, say): `X/` with
 `X_label.txt` beside it, a data root (its testset/), or `real/` + `fake/`. Thresholds still
@@ -62,7 +67,9 @@ from data_prep.dataset import Sample, list_images, load_splits, read_labelled_sp
 from data_prep.faces import DETECT_SIDE
 from data_prep.labels import label_path
 from data_prep.video import MAX_SIDE
+from ensemble.predictor import DEFAULT_PRECISION, PRECISIONS
 from ensemble.reports import markdown_report, write_metrics, write_scores_csv
+from experts.weights import WeightsError
 
 log = logging.getLogger("ensemble.evaluate")
 
@@ -183,17 +190,39 @@ def metrics_table(y: np.ndarray, scores: dict[str, np.ndarray], thresholds: dict
     return {name: evaluate_scores(y, p, thresholds[name]) for name, p in scores.items()}
 
 
+def temporal_video_scores(weights: Path, detector) -> dict:
+    """{"temporal": scorer of a video's tracked crops} when `weights` holds a usable temporal
+    head, else {}: no head, or one that cannot be used here (stale after its frame expert was
+    retrained, or cropping faces unlike the ensemble's experts) gives one warning line."""
+    from ensemble.temporal_model import load_temporal
+
+    try:
+        temporal = load_temporal(weights, detector.device, detector.precision)
+    except WeightsError as err:
+        log.warning("video rule temporal skipped: %s", " ".join(str(err).split()))
+        return {}
+    if temporal is None:
+        return {}
+    if temporal.face != detector.face:  # the scorer sees the ensemble's crops only
+        log.warning("video rule temporal skipped: its frame expert %r was trained on face crops made "
+                    "with other settings than the ensemble's experts", temporal.expert_name)
+        return {}
+    return {"temporal": lambda tracked: temporal.score(tracked.crops)}
+
+
 # ----------------------------------------------------------------------------- entry points
 
 def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, videos=None,
              gradcam: int = 4, plots: bool = True, frames: int = 16, test=None,
-             max_side: int | None = MAX_SIDE, detect_side: int = DETECT_SIDE, extra_video_scores=None) -> dict:
+             max_side: int | None = MAX_SIDE, detect_side: int = DETECT_SIDE, extra_video_scores=None,
+             precision: str = DEFAULT_PRECISION) -> dict:
     """Evaluate the detector in `weights` (default cfg.out) on `split` of cfg.data_root, or on
     the labelled folder `test` (see `labelled_folder`); write metrics.json, metrics.md,
     scores.csv and the plots to `reports` (default cfg.reports); return what metrics.json
     holds. Thresholds come from cfg.data_root's valset; with `test` and no data root, 0.5.
     `videos`, `frames`, `max_side`, `detect_side`, `extra_video_scores` (name -> scorer of a
-    video's tracked face crops): see `ensemble.video_eval.evaluate_videos`."""
+    video's tracked face crops, besides the temporal head of `weights` when it has one): see
+    `ensemble.video_eval.evaluate_videos`. `precision`: see ensemble.predictor."""
     from ensemble.predictor import EnsembleDetector
 
     if not cfg.data_root and test is None:
@@ -212,7 +241,7 @@ def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, vi
     else:
         samples, val_samples, methods = labelled_samples(cfg, split)
 
-    detector = EnsembleDetector.from_weights(weights, device=cfg.device)
+    detector = EnsembleDetector.from_weights(weights, device=cfg.device, precision=precision)
     keep, y, features, unreadable = score_split(detector, samples, cfg, split)
     if split == "valset":
         y_val, val_features, val_unreadable = y, features, unreadable
@@ -239,7 +268,7 @@ def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, vi
         "n_valset_scored": int(len(y_val)) if y_val is not None else 0,
         "unreadable_valset": val_unreadable if split != "valset" else [],
         "experts": list(detector.experts), "baselines": list(BASELINES), "ensemble_name": ENSEMBLE,
-        "tta": list(detector.tta),
+        "tta": list(detector.tta), "precision": detector.precision,
         "stacker": {"method": method, "cv_auc": dict(getattr(stacker, "cv_auc_", {}) or {})},
         "thresholds": thresholds, "note": note, "models": models,
     }
@@ -253,8 +282,9 @@ def evaluate(cfg: Config, split: str = "testset", weights=None, reports=None, vi
                                         for i, a in enumerate(detector.experts)}
     if videos is not None:
         from ensemble.video_eval import evaluate_videos
+        video_scorers = {**temporal_video_scores(weights, detector), **(extra_video_scores or {})}
         result["video"] = evaluate_videos(detector, videos, lambda f: model_scores(detector, f, val_features),
-                                          thresholds, frames, ENSEMBLE, max_side, detect_side, extra_video_scores)
+                                          thresholds, frames, ENSEMBLE, max_side, detect_side, video_scorers)
 
     write_scores_csv(reports / "scores.csv", names, y, scores)
     write_metrics(reports, result)
@@ -282,6 +312,9 @@ def parse_args(argv: list[str] | None):
                         help="video frames larger than this (longer side) are downscaled to it; 0 = native")
     parser.add_argument("--detect-side", type=int, default=DETECT_SIDE,
                         help="faces in video frames are detected on a copy of at most this side")
+    parser.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
+                        help="of the experts' forward passes: bf16 autocast, or auto = bf16 where the device "
+                             "has native bf16 (default %(default)s)")
     parser.add_argument("--gradcam", type=int, default=4, metavar="N",
                         help="Grad-CAM for N real and N fake images (0 = none)")
     parser.add_argument("--no-plots", action="store_true", help="metrics only")
@@ -301,7 +334,8 @@ def main(argv=None) -> int:
     cfg = config_from(args, data_root=data_root)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     result = evaluate(cfg, args.split, args.weights, args.reports, args.videos,
-                      args.gradcam, not args.no_plots, args.frames, args.test, args.max_side, args.detect_side)
+                      args.gradcam, not args.no_plots, args.frames, args.test, args.max_side, args.detect_side,
+                      precision=args.precision)
     print(markdown_report(result), end="")
     if "video" in result:
         from ensemble.video_eval import per_video_table

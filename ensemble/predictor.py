@@ -6,6 +6,11 @@
 
 Used by `infer.py`, `ensemble.fit`, `ensemble.evaluate` and the benchmarks, so every
 caller crops, resizes and combines exactly as training did.
+
+Precision (`EnsembleDetector(precision=...)`, `--precision` of infer.py and ensemble.evaluate):
+`fp32`; `bf16`: the experts' forward passes run under bf16 autocast (scores stay float32;
+the forensic expert's spectrum opts out of autocast itself); `auto`: bf16 where the device
+computes it natively (see `native_bf16`), else fp32. The default is DEFAULT_PRECISION.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from common.errors import UsageError
 from common.inputs import to_unit_float
 from common.runtime import select_device
 from configs import ConfigError, FaceConfig
@@ -31,6 +37,40 @@ ENSEMBLE_FILE = "ensemble.json"
 # dae_terms = the three error terms of every expert that has them (experts.dae).
 META_FEATURES = ("dae_terms",)
 DAE_TERMS = ("global", "patch", "feature")
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# fp32 until bf16's change of AUC on ffpp and lfw is measured (issue 12: bf16 becomes the
+# default only if it moves the AUC by <= 0.002); this one constant is every command's default.
+DEFAULT_PRECISION = "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 with its own kernels: a CUDA GPU that supports it, or a
+    CPU on which oneDNN runs bf16 (AVX-512 or AMX, as oneDNN itself reports, else torch's CPU
+    capability); on older CPUs bf16 would be emulated, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    onednn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if onednn_check is not None:
+        return bool(onednn_check())
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AVX512" in capability or "AMX" in capability
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`, `fp32` or `bf16` on `device` -> the precision it runs in: `fp32` or `bf16`."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"precision bf16: {torch.cuda.get_device_name(device)} does not support bf16; use fp32")
+    return precision
+
+
+def precision_autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The context the experts' forward passes run in: bf16 autocast for `bf16`, else none."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def crop_to_inputs(crop: np.ndarray, sizes) -> dict[int, torch.Tensor]:
@@ -48,8 +88,10 @@ class EnsembleDetector:
     tta: list[str] = field(default_factory=list)
     stacker: object | None = None      # ensemble.stacking.StackingEnsemble, or None = mean
     meta_features: list[str] = field(default_factory=list)  # of META_FEATURES: more stacker inputs
+    precision: str = DEFAULT_PRECISION  # of PRECISIONS; after construction, what it runs in: fp32 or bf16
 
     def __post_init__(self):
+        self.precision = resolve_precision(self.precision, self.device)
         unknown = sorted(set(self.meta_features) - set(META_FEATURES))
         if unknown:
             raise ConfigError(f"ensemble.meta_features: unknown {unknown}; known: {list(META_FEATURES)}")
@@ -62,7 +104,8 @@ class EnsembleDetector:
     @classmethod
     def from_weights(cls, weights_dir, experts: list[str] | None = None, device="auto",
                      tta: list[str] | None = None, use_stacker: bool = True,
-                     meta_features: list[str] | None = None) -> "EnsembleDetector":
+                     meta_features: list[str] | None = None,
+                     precision: str = DEFAULT_PRECISION) -> "EnsembleDetector":
         """`use_stacker=False`: the experts alone (plain mean), without reading the stacker,
         as `ensemble.fit` needs when it is about to replace it. `tta` and `meta_features`
         default to the stacker's."""
@@ -90,7 +133,7 @@ class EnsembleDetector:
             stacker = StackingEnsemble.from_state(json.loads(path.read_text()))
             tta = ens.get("tta", []) if tta is None else tta
             meta_features = ens.get("meta_features", []) if meta_features is None else meta_features
-        return cls(loaded, face, dev, list(tta or []), stacker, list(meta_features or []))
+        return cls(loaded, face, dev, list(tta or []), stacker, list(meta_features or []), precision)
 
     @property
     def input_sizes(self) -> list[int]:
@@ -113,20 +156,23 @@ class EnsembleDetector:
     def expert_features(self, batch: dict[int, torch.Tensor]) -> np.ndarray:
         """(B, n_features): each expert's P(fake), averaged over TTA views, then (with TTA)
         each expert's spread between views, a cue of uncertainty the stacker may use, then
-        (meta-feature dae_terms) each DAE's three error terms, averaged over the views."""
+        (meta-feature dae_terms) each DAE's three error terms, averaged over the views.
+        Always float32, whatever `precision` the forward passes ran in."""
         inputs = {size: to_unit_float(t, self.device) for size, t in batch.items()}
         means, spreads, errors = [], [], []
         with_terms = self._with_error_terms()
         for name, model in self.experts.items():
             views = tta_views(inputs[model.image_size], self.tta)
-            p_fake = torch.stack([model.predict_proba(v) for v in views]).float().cpu()
+            with precision_autocast(self.precision, self.device):
+                p_fake = torch.stack([model.predict_proba(v).float() for v in views]).cpu()
+                terms = [model.score_terms(v).float() for v in views] if name in with_terms else []
             means.append(p_fake.mean(0))
             spreads.append(p_fake.max(0).values - p_fake.min(0).values)
-            if name in with_terms:
+            if terms:
                 # Each term relative to its mean on the training reals (1 = as a typical real),
                 # as r / (1 + r): in (0, 1) like a score, and logit(r / (1 + r)) = log r, so
                 # the logistic stacker reads log error ratios.
-                ratio = torch.stack([model.score_terms(v) / model.term_scale for v in views]).float().mean(0).cpu()
+                ratio = torch.stack([t / model.term_scale for t in terms]).mean(0).cpu()
                 errors += list((ratio / (1 + ratio)).unbind(1))
         cols = means + (spreads if self.tta else []) + errors
         return torch.stack(cols, dim=1).numpy()

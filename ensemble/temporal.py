@@ -11,10 +11,12 @@ on class-balanced batches, in seconds, seeded (`seed=N`): the same on every CPU 
 
 Where the sequences come from:
 
-* a labelled video folder (`labels.csv`: video_name,target): `--frames` frames per video
-  (`data_prep.video.sample_frames`), each face-cropped with the face settings the frame
-  expert was trained with, as `infer.py` crops them. The videos are split per class, seeded,
-  into training and held-out (`temporal.val_fraction`), so a video's frames are on one side.
+* a labelled video folder (`labels.csv`: video_name,target): `--frames` frames per video,
+  decoded resolution capped and one face tracked through them, cropped with the face
+  settings the frame expert was trained with (`data_prep.video.sample_face_crops`, as
+  `infer.py --video-rule temporal` and `ensemble.evaluate --videos` crop them). The videos
+  are split per class, seeded, into training and held-out (`temporal.val_fraction`), so a
+  video's frames are on one side.
 * an image data root (competition layout, or real/ + fake/): images carry no time, so the
   only honest sequences are frames of one clip. Within one split (trainset trains, valset is
   held out), one label and one method (when `<split>_methods.csv` names it), images whose
@@ -54,8 +56,8 @@ from common.runtime import select_device
 from configs import Config, FaceConfig, TemporalConfig, config_from
 from data_prep.audit import fingerprint, near_duplicate_pairs
 from data_prep.dataset import Sample, load_splits, read_methods_file
-from data_prep.faces import FaceCropCache, crop_face
-from data_prep.video import LABELS_FILE, VideoDecodeError, read_video_labels, sample_frames
+from data_prep.faces import FaceCropCache
+from data_prep.video import LABELS_FILE, VideoDecodeError, read_video_labels, sample_face_crops
 from ensemble.temporal_model import MANIFEST_NAME, MANIFEST_SECTION, TEMPORAL_FILE, TemporalHead, padded, run_expert
 from experts.base import Expert
 from experts.weights import (
@@ -84,8 +86,9 @@ class Clip:
 
 
 def video_face_crops(path: Path, face: FaceConfig, n_frames: int) -> list[np.ndarray]:
-    """`n_frames` evenly sampled frames of a video, face-cropped as `infer.py` crops them."""
-    return [crop_face(rgb, face)[0] for _index, rgb in sample_frames(path, n_frames)]
+    """The tracked face crops of `n_frames` evenly sampled frames of a video, with the default
+    resolution cap and detection size: what the head is given at inference."""
+    return sample_face_crops(path, face, n_frames).crops
 
 
 def video_clips(root: Path, expert: Expert, face: FaceConfig, device, n_frames: int,

@@ -9,7 +9,12 @@ sequence. `python -m ensemble.temporal` trains it (ensemble/temporal.py: where t
 come from); this module only loads and scores, so that any stage may import it.
 
     model = load_temporal("weights")               # None when no head was trained there
+    model = require_temporal("weights")            # the same, but no head is an error naming the fix
     p = temporal_score(model, face_crops)           # one video's face crops, in frame order
+
+Crop the frames with `model.face` (the frame expert's settings) and, for a video, track the
+face through them (`data_prep.video.sample_face_crops`), as training did. `precision` (see
+ensemble.predictor) applies to the frame expert's forward passes; the GRU runs in float32.
 
 The head is `<weights>/temporal.safetensors`, listed in the manifest as `ensemble.temporal`
 with its sha256, its config, the frame expert and that expert's sha256: a retrained frame
@@ -29,6 +34,7 @@ from common.inputs import to_unit_float
 from common.runtime import select_device
 from configs import FaceConfig
 from data_prep.transforms import crop_to_tensor
+from ensemble.predictor import DEFAULT_PRECISION, precision_autocast, resolve_precision
 from experts.base import Expert
 from experts.weights import MANIFEST, WeightsError, face_config_of, load_expert, read_manifest, verified_file
 
@@ -65,14 +71,18 @@ def padded(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def run_expert(expert: Expert, crops: list[np.ndarray], device) -> tuple[torch.Tensor, np.ndarray]:
-    """Face crops -> (embeddings (T, D) float32 on the CPU, the expert's P(fake) per crop (T,))."""
+def run_expert(expert: Expert, crops: list[np.ndarray], device,
+               precision: str = "fp32") -> tuple[torch.Tensor, np.ndarray]:
+    """Face crops -> (embeddings (T, D) float32 on the CPU, the expert's P(fake) per crop (T,)),
+    the forward passes in `precision` (fp32 or bf16; training always uses fp32)."""
+    device = torch.device(device)
     embeddings, scores = [], []
     for start in range(0, len(crops), EMBED_BATCH):
         x = to_unit_float(torch.stack([crop_to_tensor(c, expert.image_size)
                                        for c in crops[start:start + EMBED_BATCH]]), device)
-        embeddings.append(expert.embed(x).float().cpu())
-        scores.append(expert.predict_proba(x).float().cpu())
+        with precision_autocast(precision, device):
+            embeddings.append(expert.embed(x).float().cpu())
+            scores.append(expert.predict_proba(x).float().cpu())
     return torch.cat(embeddings), torch.cat(scores).numpy()
 
 
@@ -84,12 +94,13 @@ class TemporalModel:
     expert_name: str
     face: FaceConfig                 # the frame expert's face-crop settings: crop the frames with these
     device: torch.device
+    precision: str = "fp32"          # of the frame expert's forward passes: fp32 or bf16
 
     @torch.inference_mode()
     def score(self, crops: list[np.ndarray]) -> float:
         if not crops:
             raise ValueError("temporal_score: no face crops")
-        embeddings, _ = run_expert(self.expert, list(crops), self.device)
+        embeddings, _ = run_expert(self.expert, list(crops), self.device, self.precision)
         batch, lengths = padded([embeddings.to(self.device)])
         return float(torch.sigmoid(self.head(batch, lengths))[0])
 
@@ -100,17 +111,23 @@ def temporal_score(temporal_or_weights, crops: list[np.ndarray]) -> float:
     `load_temporal` once)."""
     model = temporal_or_weights
     if not isinstance(model, TemporalModel):
-        model = load_temporal(temporal_or_weights)
-        if model is None:
-            raise WeightsError(f"{Path(temporal_or_weights) / TEMPORAL_FILE}: no temporal head here; "
-                               f"train one with `python -m ensemble.temporal ROOT --weights "
-                               f"{temporal_or_weights}`")
+        model = require_temporal(temporal_or_weights)
     return model.score(crops)
 
 
-def load_temporal(weights_dir, device="cpu") -> TemporalModel | None:
+def require_temporal(weights_dir, device="cpu", precision: str = DEFAULT_PRECISION) -> TemporalModel:
+    """`load_temporal`, with a weights folder that has no head as an error saying how to train one."""
+    model = load_temporal(weights_dir, device, precision)
+    if model is None:
+        raise WeightsError(f"{Path(weights_dir) / TEMPORAL_FILE}: no temporal head here; train one with "
+                           f"`python -m ensemble.temporal VIDEO_OR_DATA_ROOT --weights {weights_dir}`")
+    return model
+
+
+def load_temporal(weights_dir, device="cpu", precision: str = DEFAULT_PRECISION) -> TemporalModel | None:
     """The temporal head of a weights folder with its frame expert, loaded strictly from
-    safetensors after checking the sha256 of both files; None when no head was trained there."""
+    safetensors after checking the sha256 of both files; None when no head was trained there.
+    `precision`: auto, fp32 or bf16 for the frame expert (ensemble.predictor.resolve_precision)."""
     weights_dir = Path(weights_dir)
     manifest = read_manifest(weights_dir)
     entry = manifest.get(MANIFEST_SECTION, {}).get(MANIFEST_NAME)
@@ -133,4 +150,5 @@ def load_temporal(weights_dir, device="cpu") -> TemporalModel | None:
         head.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     except Exception as err:  # wrong keys or shapes, unreadable file
         raise WeightsError(f"{path}: cannot load the temporal head: {str(err).splitlines()[0]}") from None
-    return TemporalModel(head.to(dev).eval(), expert, name, face_config_of(expert_entry), dev)
+    return TemporalModel(head.to(dev).eval(), expert, name, face_config_of(expert_entry), dev,
+                         resolve_precision(precision, dev))

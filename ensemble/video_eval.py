@@ -9,8 +9,8 @@ and the baselines. Reported:
 * video level: for every frame rule of `data_prep.video.aggregate_frame_scores` (mean,
   median, confidence, max, top-k), every model's frame scores combined per video;
 * one more video-level table per entry of `extra_video_scores`: a scorer that sees the
-  whole tracked sequence of a video rather than its frames one by one (the temporal expert
-  of ensemble.temporal plugs in here as `{"temporal": its scorer}`);
+  whole tracked sequence of a video rather than its frames one by one (ensemble.evaluate
+  puts the weights folder's temporal head here as `{"temporal": its scorer}`);
 * a row per video: label, frames sampled, frames where the tracked face was detected, and
   the ensemble's score under every rule.
 

@@ -151,6 +151,27 @@ def test_failing_plot_keeps_metrics(trained, testset_report, tmp_path, monkeypat
     assert tested["thresholds"] == pytest.approx(saved["thresholds"])
 
 
+def test_precision_bf16_is_recorded_and_moves_expert_scores_little(trained, testset_report, tmp_path):
+    import torch
+
+    from configs import load_config
+    from ensemble.predictor import DEFAULT_PRECISION, resolve_precision
+
+    root, args, weights = trained
+    assert ev.parse_args([str(root), "--precision", "bf16"]).precision == "bf16"
+    cfg = load_config("cpu", args[1:] + [f"data_root={root}"])
+    result = ev.evaluate(cfg, "testset", weights=weights, reports=tmp_path, plots=False, precision="bf16")
+    assert result["precision"] == "bf16"
+    default = resolve_precision(DEFAULT_PRECISION, torch.device("cpu"))
+    assert json.loads((testset_report / "metrics.json").read_text())["precision"] == default
+    fp32_rows = list(csv.DictReader(open(testset_report / "scores.csv")))
+    bf16_rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    assert [r["img_name"] for r in bf16_rows] == [r["img_name"] for r in fp32_rows]
+    for expert in ("convnext", "dae"):
+        difference = [abs(float(a[expert]) - float(b[expert])) for a, b in zip(fp32_rows, bf16_rows)]
+        assert max(difference) < 0.05, expert
+
+
 def write_video(path: Path, frames: list[np.ndarray]) -> None:
     h, w = frames[0].shape[:2]
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5, (w, h))

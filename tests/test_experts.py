@@ -93,6 +93,27 @@ def test_relative_forensic_statistics_ignore_a_global_brightness_shift():
     assert (absolute(x + 0.1) - absolute(x))[:, residual_features:].abs().max() > 0.05
 
 
+def test_residual_cooccurrences_are_pair_frequencies_that_see_a_smoothed_centre():
+    """Each of the 4 whole-crop histograms is a distribution over the 25 residual pairs; a
+    brightness shift (second differences cancel it) changes nothing; blurring the centre of
+    a noisy crop (a pasted, smoother face) moves the centre-minus-whole contrasts."""
+    from experts.cooccurrence import ResidualCooccurrences
+
+    stats = ResidualCooccurrences()
+    x = 0.2 + 0.6 * torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    features = stats(x)
+    assert features.shape == (2, stats.n_features) == (2, 200)
+    blocks = features.unflatten(1, (8, 25))            # whole, centre - whole, for 2 steps x 2 directions
+    torch.testing.assert_close(blocks[:, 0::2].exp().sum(-1), torch.ones(2, 4), atol=1e-3, rtol=0)
+    torch.testing.assert_close(stats(x + 0.1), features, atol=1e-4, rtol=0)
+    smoothed = x.clone()
+    centre = smoothed[:, :, 16:48, 16:48]
+    smoothed[:, :, 16:48, 16:48] = torch.nn.functional.avg_pool2d(centre, 3, stride=1, padding=1,
+                                                                  count_include_pad=False)
+    contrast_change = (stats(smoothed) - features).unflatten(1, (8, 25))[:, 1::2].abs().max()
+    assert contrast_change > 0.5
+
+
 @pytest.mark.parametrize("case", [c for c, ecfg in CASES.items()
                                   if "input_filter" in expert_class(ecfg.kind).config_fields])
 def test_srm_input_filter_adds_noise_residual_channels(case):
@@ -135,7 +156,7 @@ def test_expert_interface(case):
 def test_grad_cam_explains_the_last_feature_map(case):
     expert = build(case).eval()
     layer = expert.gradcam_layer()
-    if expert.kind == "forensic":  # fixed statistics: no learned spatial map to explain
+    if expert.kind in ("forensic", "cooccurrence"):  # fixed statistics: no learned spatial map to explain
         assert layer is None
         return
     prefix = getattr(expert, "num_prefix_tokens", getattr(getattr(expert, "backbone", None), "num_prefix_tokens", 0))

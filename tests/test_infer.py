@@ -166,3 +166,18 @@ def test_infer_scores_a_folder_of_videos(trained_ensemble, tmp_path, capsys):
     assert infer.main([str(folder / "a.mp4"), "--weights", weights, "--frames", "4", "--video-rule", "top-k",
                        "--max-side", "64"]) == 0
     assert re.fullmatch(r"Prediction of \[.*a\.mp4\] being Deepfake: \d\.\d{6}\n", capsys.readouterr().out)
+
+
+def test_infer_precision_bf16_and_onnx_refuses_it(trained_ensemble, demo_root, tmp_path, capsys):
+    images = sorted((demo_root / "testset").iterdir())[:4]
+    weights = str(trained_ensemble["weights"])
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.csv"
+        assert infer.main([*map(str, images), "--csv", str(out), "--weights", weights, "--precision", precision]) == 0
+        scores[precision] = np.array([p for _, p in read_prediction_csv(out)])
+    assert len(scores["bf16"]) == 4 and np.abs(scores["bf16"] - scores["fp32"]).max() < 0.05
+    capsys.readouterr()
+    assert infer.main([str(images[0]), "--weights", weights, "--backend", "onnx", "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fp32" in err and "--backend torch" in err

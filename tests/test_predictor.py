@@ -1,9 +1,13 @@
-"""EnsembleDetector: test-time augmentation views and the feature columns the stacker sees."""
+"""EnsembleDetector: test-time augmentation views, the feature columns the stacker sees, and
+the precision of the experts' forward passes."""
+import numpy as np
 import pytest
 import torch
 
+from common.errors import UsageError
 from configs import ExpertConfig, FaceConfig
-from ensemble.predictor import EnsembleDetector, tta_views
+from ensemble import predictor
+from ensemble.predictor import EnsembleDetector, resolve_precision, tta_views
 from experts import create_expert
 
 
@@ -34,3 +38,39 @@ def test_features_with_and_without_tta():
     assert g.shape == (3, 4) and (g[:, 2:] >= 0).all()
     p, features = tta.score_crops(batch)  # no stacker: plain mean of the expert columns
     torch.testing.assert_close(torch.from_numpy(p), torch.from_numpy(features[:, :2].mean(1)))
+
+
+def test_bf16_autocast_runs_the_experts_in_bf16_and_keeps_the_scores():
+    """The same images in fp32 and bf16: every expert's convolutions really ran in bf16 (their
+    outputs' dtype), features stay float32, and no score moves by 0.05 or more (the DAE's
+    error terms, a stacker input with the meta-feature dae_terms, included)."""
+    torch.manual_seed(0)
+    experts = {"a": create_expert(ExpertConfig(kind="convnext", model="test_convnext"), 32).eval(),
+               "dae": create_expert(ExpertConfig(kind="dae", model="test_resnet"), 32).eval()}
+    batch = {32: torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)}
+    conv_dtypes = []
+    for model in experts.values():
+        first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda _module, _inputs, output: conv_dtypes.append(output.dtype))
+    features = {}
+    for precision in ("fp32", "bf16"):
+        detector = EnsembleDetector(experts, FaceConfig(), torch.device("cpu"), meta_features=["dae_terms"],
+                                    precision=precision)
+        conv_dtypes.clear()
+        _, features[precision] = detector.score_crops(batch)
+        expected = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert conv_dtypes and set(conv_dtypes) == {expected}, precision
+    assert features["bf16"].dtype == features["fp32"].dtype == np.float32
+    assert features["bf16"].shape == (4, 5)
+    assert np.abs(features["bf16"] - features["fp32"]).max() < 0.05
+
+
+def test_precision_auto_follows_native_bf16_and_unknown_is_refused(monkeypatch):
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(predictor, "native_bf16", lambda device, native=native: native)
+        assert resolve_precision("auto", cpu) == expected
+        assert EnsembleDetector({}, FaceConfig(), cpu, precision="auto").precision == expected
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(UsageError, match="precision must be one of"):
+        resolve_precision("fp16", cpu)

@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 
+import infer
 from common.metrics import roc_auc
 from configs import ExpertConfig, FaceConfig, load_config
 from data_prep.dataset import Sample
-from data_prep.faces import crop_face
-from data_prep.video import sample_frames
-from ensemble import temporal
+from data_prep.video import sample_face_crops
+from ensemble import evaluate, temporal
 from ensemble.temporal_model import TEMPORAL_FILE, load_temporal, run_expert, temporal_score
 from experts.base import create_expert
 from experts.weights import MANIFEST, WeightsError, save_expert
@@ -78,7 +78,8 @@ def write_videos(folder, n_per_class: int, seed: int):
 
 
 def video_crops(folder, name: str) -> list[np.ndarray]:
-    return [crop_face(rgb, FACE)[0] for _index, rgb in sample_frames(folder / name, FRAMES)]
+    """One video's face crops as training, infer.py and ensemble.evaluate take them."""
+    return sample_face_crops(folder / name, FACE, FRAMES).crops
 
 
 def train_frame_expert(train_root, rows, weights) -> None:
@@ -162,23 +163,33 @@ def test_training_is_deterministic(trained, tmp_path):
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
-def test_no_head_is_none_and_a_retrained_expert_makes_it_stale(trained, tmp_path):
-    weights = tmp_path / "weights"
-    weights.mkdir()
+def copy_of_weights(trained, dest, head: bool = True):
+    """A copy of the trained weights folder, with or without the temporal head."""
+    dest.mkdir()
     for name in ("mesonet.safetensors", MANIFEST, TEMPORAL_FILE):
-        (weights / name).write_bytes((trained["weights"] / name).read_bytes())
-    manifest = json.loads((weights / MANIFEST).read_text())
-    del manifest["ensemble"]
-    (weights / TEMPORAL_FILE).unlink()
-    (weights / MANIFEST).write_text(json.dumps(manifest))
+        (dest / name).write_bytes((trained["weights"] / name).read_bytes())
+    if not head:
+        manifest = json.loads((dest / MANIFEST).read_text())
+        del manifest["ensemble"]
+        (dest / TEMPORAL_FILE).unlink()
+        (dest / MANIFEST).write_text(json.dumps(manifest))
+    return dest
+
+
+def retrain_frame_expert(weights) -> None:
+    """Replace the frame expert by another one: the head trained on its embeddings is stale."""
+    torch.manual_seed(1)
+    save_expert(create_expert(ExpertConfig(kind="mesonet"), SIZE).eval(), weights, "mesonet", FACE, extra={})
+
+
+def test_no_head_is_none_and_a_retrained_expert_makes_it_stale(trained, tmp_path):
+    weights = copy_of_weights(trained, tmp_path / "no_head", head=False)
     assert load_temporal(weights) is None
     with pytest.raises(WeightsError, match="no temporal head"):
         temporal_score(weights, [np.zeros((SIZE, SIZE, 3), np.uint8)])
 
-    for name in (MANIFEST, TEMPORAL_FILE):
-        (weights / name).write_bytes((trained["weights"] / name).read_bytes())
-    torch.manual_seed(1)
-    save_expert(create_expert(ExpertConfig(kind="mesonet"), SIZE).eval(), weights, "mesonet", FACE, extra={})
+    weights = copy_of_weights(trained, tmp_path / "stale")
+    retrain_frame_expert(weights)
     with pytest.raises(WeightsError, match="retrained"):
         load_temporal(weights)
 
@@ -191,6 +202,73 @@ def test_command_line_error_is_one_line(trained, tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
     assert temporal.main([str(trained["tmp"] / "train"), "--frames", "1", "--weights",
                           str(trained["weights"])]) == 2
+
+
+# ---------------------------------------------------------------- the head in evaluate and infer
+
+def evaluate_args(trained, tmp_path, videos, weights) -> list[str]:
+    """ensemble.evaluate on a labelled image folder (real/ + fake/: the first frame of six
+    held-out videos) and the video folder `videos`, with thresholds 0.5 (no data root)."""
+    images = tmp_path / "frames"
+    for name, target in trained["held_out_rows"][:6]:
+        folder = images / ("fake" if target else "real")
+        folder.mkdir(parents=True, exist_ok=True)
+        first = video_crops(trained["tmp"] / "held_out", name)[0]
+        cv2.imwrite(str(folder / f"{name}.png"), cv2.cvtColor(first, cv2.COLOR_RGB2BGR))
+    return ["--test", str(images), "--weights", str(weights), "--videos", str(videos), "--no-plots",
+            "--reports", str(tmp_path / "reports"), "threads=1", "device=cpu", "data.num_workers=0"]
+
+
+def test_evaluate_videos_reports_the_temporal_head_where_frame_rules_see_nothing(trained, tmp_path, capsys):
+    held_out = trained["tmp"] / "held_out"
+    assert evaluate.main(evaluate_args(trained, tmp_path, held_out, trained["weights"])) == 0
+    video = json.loads((tmp_path / "reports" / "metrics.json").read_text())["video"]
+    assert list(video["video_level"]) == ["mean", "median", "confidence", "max", "top-k", "temporal"]
+    row = video["video_level"]["temporal"]["temporal"]
+    assert row["n"] == 2 * N_HELD_OUT and row["threshold"] == 0.5 and row["auc"] >= 0.9
+    assert abs(video["video_level"]["mean"]["ensemble"]["auc"] - 0.5) <= 0.2
+    first = video["videos"][0]
+    expected = temporal_score(load_temporal(trained["weights"]), video_crops(held_out, first["video"]))
+    assert first["p_temporal"] == pytest.approx(expected, abs=1e-6)
+    assert "| top-k | temporal |" in capsys.readouterr().out  # the per-video table
+
+
+def test_evaluate_skips_a_stale_head_with_one_warning(trained, tmp_path, caplog):
+    weights = copy_of_weights(trained, tmp_path / "weights")
+    retrain_frame_expert(weights)
+    videos = tmp_path / "videos"
+    write_videos(videos, 2, seed=3)
+    assert evaluate.main(evaluate_args(trained, tmp_path, videos, weights)) == 0
+    video = json.loads((tmp_path / "reports" / "metrics.json").read_text())["video"]
+    assert "temporal" not in video["video_level"] and "p_temporal" not in video["videos"][0]
+    (warning,) = [r.getMessage() for r in caplog.records if "temporal" in r.getMessage()]
+    assert "skipped" in warning and "retrained" in warning and "\n" not in warning
+
+
+def test_infer_video_rule_temporal(trained, tmp_path, capsys):
+    held_out = trained["tmp"] / "held_out"
+    name = trained["held_out_rows"][1][0]
+    weights = str(trained["weights"])
+    out = tmp_path / "video.csv"
+    assert infer.main([str(held_out / name), "--weights", weights, "--video-rule", "temporal", "--csv", str(out)]) == 0
+    header, row = out.read_text().splitlines()
+    expected = temporal_score(load_temporal(weights), video_crops(held_out, name))
+    assert header == "video_name,y_pred" and row.split(",")[0] == name
+    assert float(row.split(",")[1]) == pytest.approx(expected, abs=1e-6)
+    # bf16 autocast of the frame expert moves the score only a little
+    assert infer.main([str(held_out / name), "--weights", weights, "--video-rule", "temporal", "--csv", str(out),
+                       "--precision", "bf16"]) == 0
+    assert float(out.read_text().splitlines()[1].split(",")[1]) == pytest.approx(expected, abs=0.05)
+
+    capsys.readouterr()
+    no_head = copy_of_weights(trained, tmp_path / "no_head", head=False)
+    assert infer.main([str(held_out / name), "--weights", str(no_head), "--video-rule", "temporal"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no temporal head" in err and "python -m ensemble.temporal" in err
+    assert infer.main([str(held_out / name), "--weights", weights, "--video-rule", "temporal",
+                       "--backend", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--backend torch" in err
 
 
 # ---------------------------------------------------------------- image sets: near-duplicate runs
