@@ -29,7 +29,11 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from common.errors import UserError
 from ensemble.combiners import COMBINERS, DEFAULT_LGBM_PARAMS, LGBMCombiner, LogRegCombiner
 
-# 'auto' tries these in order; on equal CV AUC the earlier (simpler) one wins.
+# 'auto' tries these in order, simplest first, and keeps the simplest whose CV AUC is within
+# one standard error of the best (the one-standard-error rule of Breiman et al., 1984): the
+# validation folds come from the methods the experts trained on, and a small CV lead of a
+# more flexible combiner is mostly fit to them. Measured on FF++: LightGBM led logistic
+# regression by 0.002 CV AUC and lost 0.03 on the testset and on lfw_faceswap (README).
 AUTO_CANDIDATES = ("mean", "rank_mean", "logreg", "lgbm")
 
 STATE_FORMAT = "StackingEnsemble/1"
@@ -50,8 +54,8 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
     Parameters
     ----------
     method : 'auto' | 'mean' | 'rank_mean' | 'logreg' | 'lgbm'
-        'auto' picks the combiner with the best mean per-fold AUC under
-        StratifiedKFold (ties go to the simpler one, see AUTO_CANDIDATES).
+        'auto' picks, by mean per-fold AUC under StratifiedKFold, the simplest combiner
+        within one standard error of the best (see AUTO_CANDIDATES).
     cv : number of folds for the cross-validated AUC (reduced automatically
         when the rarer class has fewer samples than folds).
     random_state : seed for the fold shuffling.
@@ -107,9 +111,11 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
             raise ValueError(f"n_scores={self.n_scores} score columns, but X has {X.shape[1]} columns")
 
         candidates = AUTO_CANDIDATES if self.method == "auto" else (self.method,)
-        self.cv_auc_ = {name: self._cross_validated_auc(name, X, y) for name in candidates}
-        # max() keeps the first of equal values, i.e. the simpler method.
-        self.method_ = max(candidates, key=lambda name: self.cv_auc_[name])
+        fold_aucs = {name: self._cross_validated_auc(name, X, y) for name in candidates}
+        self.cv_auc_ = {name: float(np.mean(aucs)) for name, aucs in fold_aucs.items()}
+        best = max(candidates, key=lambda name: self.cv_auc_[name])
+        standard_error = float(np.std(fold_aucs[best], ddof=1) / np.sqrt(len(fold_aucs[best])))
+        self.method_ = next(name for name in candidates if self.cv_auc_[name] >= self.cv_auc_[best] - standard_error)
         self.combiner_ = self._new_combiner(self.method_).fit(X, y)
         return self
 
@@ -124,8 +130,8 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
             return LogRegCombiner(monotone=monotone)
         return COMBINERS[name](n_columns=self.n_scores)  # mean, rank_mean: of the scores only
 
-    def _cross_validated_auc(self, name, X, y):
-        """Mean AUC over stratified folds of a fresh combiner fitted on each training split."""
+    def _cross_validated_auc(self, name, X, y) -> list[float]:
+        """AUC on each stratified fold of a fresh combiner fitted on the other folds."""
         n_splits = min(self.cv, int(np.bincount(y).min()))
         if n_splits < 2:
             raise ValueError("need at least 2 samples of each class for cross-validation")
@@ -134,7 +140,7 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
         for train, test in folds.split(X, y):
             combiner = self._new_combiner(name).fit(X[train], y[train])
             aucs.append(roc_auc_score(y[test], combiner.predict(X[test])))
-        return float(np.mean(aucs))
+        return aucs
 
     # -- prediction --------------------------------------------------------
 

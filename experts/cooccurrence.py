@@ -41,7 +41,13 @@ class ResidualCooccurrences(nn.Module):
         return 2 * len(QUANTISATION_STEPS) * 2 * self.levels ** 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grey = x.float().mean(dim=1) * 255
+        # float32 even under bf16 autocast: bf16's 8 significant bits would round the small
+        # second differences themselves (see ForensicStatistics.forward)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.cooccurrences(x.float())
+
+    def cooccurrences(self, x: torch.Tensor) -> torch.Tensor:
+        grey = x.mean(dim=1) * 255
         horizontal = grey[:, :, :-2] - 2 * grey[:, :, 1:-1] + grey[:, :, 2:]
         vertical = grey[:, :-2, :] - 2 * grey[:, 1:-1, :] + grey[:, 2:, :]
         features = []

@@ -93,6 +93,21 @@ def test_relative_forensic_statistics_ignore_a_global_brightness_shift():
     assert (absolute(x + 0.1) - absolute(x))[:, residual_features:].abs().max() > 0.05
 
 
+@pytest.mark.parametrize("kind", ["forensic", "cooccurrence"])
+def test_fixed_statistics_stay_float32_under_bf16_autocast(kind):
+    """Residuals of neighbouring pixels cancel to noise in bf16: the statistics must come out
+    bit for bit as in float32 when the experts run under bf16 autocast (train.amp, --precision)."""
+    torch.manual_seed(0)
+    expert = create_expert(ExpertConfig(kind=kind), SIZE).eval()
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = expert.statistics(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_bf16 = expert.statistics(x)
+    assert under_bf16.dtype == torch.float32
+    torch.testing.assert_close(under_bf16, reference, atol=0, rtol=0)
+
+
 def test_residual_cooccurrences_are_pair_frequencies_that_see_a_smoothed_centre():
     """Each of the 4 whole-crop histograms is a distribution over the 25 residual pairs; a
     brightness shift (second differences cancel it) changes nothing; blurring the centre of
