@@ -21,7 +21,7 @@ def test_profiles_load_with_typed_values(profile):
 
 def test_cpu_profile_values_and_defaults():
     cfg = load_config("cpu")
-    assert cfg.experts == ["forensic", "mesonet", "resnet", "dae"]
+    assert cfg.experts == ["forensic", "resnet", "dae"]
     assert cfg.train.lr == pytest.approx(0.002)
     assert cfg.train.amp == "off"
     assert cfg.face.crop_size == 256 and cfg.face.shrink == "center" and cfg.face.detector == "dlib"

@@ -1,4 +1,4 @@
-"""ONNX export and the onnxruntime backend: the cpu-profile experts (forensic, mesonet, resnet
+"""ONNX export and the onnxruntime backend: the experts the cpu profile runs or defines (forensic, mesonet, resnet
 on SRM residuals, dae), trained for an epoch, exported, scored by `infer.py --backend onnx`
 as by torch; a changed file is refused; an expert that cannot be exported is left out."""
 import csv
@@ -87,11 +87,12 @@ def test_manifest_records_files_sources_and_settings(trained, exported):
 
 
 def test_onnx_backend_scores_like_torch(trained, exported, demo_root):
-    """Every expert's TTA-averaged P(fake) and spread, and the stacker's output, per image."""
+    """Every expert's TTA-averaged P(fake) and spread, and the stacker's output, per image
+    (onnxruntime computes in float32: torch too, whatever `auto` chooses on this machine)."""
     from ensemble.onnx_backend import OnnxExpert, onnx_detector
     from ensemble.predictor import EnsembleDetector, score_samples
 
-    with_torch = EnsembleDetector.from_weights(trained, device="cpu")
+    with_torch = EnsembleDetector.from_weights(trained, device="cpu", precision="fp32")
     with_onnx = onnx_detector(exported)
     assert all(isinstance(e, OnnxExpert) for e in with_onnx.experts.values())
     assert with_onnx.stacker is not None and with_onnx.tta == with_torch.tta == ["hflip", "scale"]
@@ -108,7 +109,8 @@ def test_onnx_backend_scores_like_torch(trained, exported, demo_root):
 def test_infer_csv_with_onnx_matches_torch(trained, exported, demo_root, tmp_path):
     testset = str(demo_root / "testset")
     common = ["--workers", "0", "--batch-size", "8"]
-    assert infer.main([testset, "--csv", str(tmp_path / "torch.csv"), "--weights", str(trained)] + common) == 0
+    assert infer.main([testset, "--csv", str(tmp_path / "torch.csv"), "--weights", str(trained),
+                       "--precision", "fp32"] + common) == 0
     assert infer.main([testset, "--csv", str(tmp_path / "onnx.csv"), "--weights", str(exported),
                        "--backend", "onnx"] + common) == 0
     by_torch, by_onnx = read_csv(tmp_path / "torch.csv"), read_csv(tmp_path / "onnx.csv")

@@ -69,7 +69,8 @@ def test_resume_equals_uninterrupted(demo_root, tmp_path, crop_cache, extra):
 
 def test_other_experts_train_export_and_reload(demo_root, tmp_path, crop_cache):
     """efficientnet and clip (cpu recipe: trainable=all) through the same trainer, one epoch;
-    the reloaded expert predicts exactly what the trainer validated."""
+    the reloaded expert predicts exactly what the trainer validated (in float32, as it trained:
+    `auto` inference precision may be bf16 on this machine)."""
     overrides = tiny_overrides(tmp_path, epochs=1, experts="efficientnet,clip", cache_dir=crop_cache)
     assert experts_train.main([str(demo_root)] + overrides) == 0
     manifest = json.loads((tmp_path / "weights" / MANIFEST).read_text())
@@ -78,7 +79,7 @@ def test_other_experts_train_export_and_reload(demo_root, tmp_path, crop_cache):
     from ensemble.predictor import EnsembleDetector, score_samples
     val = load_splits(demo_root)["valset"]
     for name in ("efficientnet", "clip"):
-        detector = EnsembleDetector.from_weights(tmp_path / "weights", [name], device="cpu")
+        detector = EnsembleDetector.from_weights(tmp_path / "weights", [name], device="cpu", precision="fp32")
         p, _, errors = score_samples(detector, [s.path for s in val])
         assert not errors
         saved = json.loads((tmp_path / "runs" / name / "val_scores.json").read_text())
@@ -95,7 +96,7 @@ def test_native_resolution_experts_patches_and_landmark_fakes(demo_root, tmp_pat
     from ensemble.predictor import EnsembleDetector, score_samples
     val = load_splits(demo_root)["valset"]
     for name in ("mesonet", "forensic", "resnet"):
-        detector = EnsembleDetector.from_weights(tmp_path / "weights", [name], device="cpu")
+        detector = EnsembleDetector.from_weights(tmp_path / "weights", [name], device="cpu", precision="fp32")
         p, _, errors = score_samples(detector, [s.path for s in val])
         assert not errors
         saved = json.loads((tmp_path / "runs" / name / "val_scores.json").read_text())
@@ -227,7 +228,7 @@ def test_a_new_timm_backbone_is_a_yaml_change(demo_root, tmp_path, crop_cache):
     manifest = json.loads((tmp_path / "weights" / MANIFEST).read_text())
     assert manifest["experts"]["byob"]["kind"] == "timm"
     val = load_splits(demo_root)["valset"]
-    detector = EnsembleDetector.from_weights(tmp_path / "weights", ["byob"], device="cpu")
+    detector = EnsembleDetector.from_weights(tmp_path / "weights", ["byob"], device="cpu", precision="fp32")
     p, _, errors = score_samples(detector, [s.path for s in val])
     saved = json.loads((tmp_path / "runs" / "byob" / "val_scores.json").read_text())
     assert not errors
