@@ -234,6 +234,33 @@ class FeatureClassifier(Expert):
         return super().trainable_parameters(loss_cfg)
 
 
+class FixedStatisticsClassifier(FeatureClassifier):
+    """A FeatureClassifier whose features are fixed statistics of the image (a parameterless
+    `statistics` module with an `n_features` property) and a small MLP: the forensic and the
+    co-occurrence experts. Nothing but the MLP learns, in a few epochs from a few thousand
+    images, where a CNN from scratch needs many."""
+
+    width = 64
+
+    def __init__(self, cfg: ExpertConfig, image_size: int, statistics: nn.Module):
+        super().__init__(cfg, image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        self.statistics = statistics
+        n = statistics.n_features
+        # BatchNorm puts features of very different scales (log residuals, colour, spectrum,
+        # log frequencies) on one, from the training data; its running statistics are saved
+        # with the weights.
+        self.body = nn.Sequential(nn.BatchNorm1d(n), nn.Dropout(0.2), nn.Linear(n, self.width), nn.GELU(),
+                                  nn.Dropout(0.2))
+        self.head = nn.Linear(self.width, 2)
+        self.projector = nn.Linear(self.width, cfg.embed_dim)
+
+    def features(self, x):
+        return self.body(self.statistics(x))
+
+    def gradcam_layer(self):
+        return None  # fixed statistics: no learned spatial map to explain
+
+
 def check_input_filter(cfg: ExpertConfig) -> int:
     """Input channels for `input_filter` (srm: RGB + 3 noise-residual maps)."""
     if cfg.input_filter not in ("none", "srm"):

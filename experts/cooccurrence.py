@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from configs import ExpertConfig
-from experts.base import FeatureClassifier, register_expert
+from experts.base import FixedStatisticsClassifier, register_expert
 
 TRUNCATION = 2                       # residuals quantised to -2..2: 5 values, 25 pairs
 QUANTISATION_STEPS = (1.0, 3.0)      # fine steps see sensor/JPEG noise, coarse ones blending and smoothing
@@ -72,22 +72,8 @@ class ResidualCooccurrences(nn.Module):
 
 
 @register_expert("cooccurrence")
-class CooccurrenceExpert(FeatureClassifier):
+class CooccurrenceExpert(FixedStatisticsClassifier):
     config_fields = frozenset({"embed_dim"})
 
     def __init__(self, cfg: ExpertConfig, image_size: int):
-        super().__init__(cfg, image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-        self.statistics = ResidualCooccurrences()
-        n, width = self.statistics.n_features, 64
-        # As in the forensic expert: BatchNorm puts the log frequencies on one scale, with
-        # running statistics from the training data saved in the weights.
-        self.body = nn.Sequential(nn.BatchNorm1d(n), nn.Dropout(0.2), nn.Linear(n, width), nn.GELU(),
-                                  nn.Dropout(0.2))
-        self.head = nn.Linear(width, 2)
-        self.projector = nn.Linear(width, cfg.embed_dim)
-
-    def features(self, x):
-        return self.body(self.statistics(x))
-
-    def gradcam_layer(self):
-        return None  # fixed statistics: no learned spatial map to explain
+        super().__init__(cfg, image_size, ResidualCooccurrences())

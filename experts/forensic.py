@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configs import ConfigError, ExpertConfig
-from experts.base import FeatureClassifier, NoiseResiduals, register_expert
+from experts.base import FixedStatisticsClassifier, NoiseResiduals, register_expert
 
 SPECTRUM_BINS = 16
 
@@ -141,25 +141,10 @@ def dft_matrix(n: int) -> torch.Tensor:
 
 
 @register_expert("forensic")
-class ForensicStatsExpert(FeatureClassifier):
+class ForensicStatsExpert(FixedStatisticsClassifier):
     config_fields = frozenset({"grid", "relative", "embed_dim"})
 
     def __init__(self, cfg: ExpertConfig, image_size: int):
-        super().__init__(cfg, image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         if cfg.grid < 1:
             raise ConfigError(f"forensic expert: grid must be >= 1, got {cfg.grid}")
-        self.statistics = ForensicStatistics(cfg.grid, cfg.relative)
-        n = self.statistics.n_features
-        width = 64
-        # BatchNorm standardises features of very different scales (log residuals, colour,
-        # spectrum) from the training data; its running statistics are saved with the weights.
-        self.body = nn.Sequential(nn.BatchNorm1d(n), nn.Dropout(0.2), nn.Linear(n, width), nn.GELU(),
-                                  nn.Dropout(0.2))
-        self.head = nn.Linear(width, 2)
-        self.projector = nn.Linear(width, cfg.embed_dim)
-
-    def features(self, x):
-        return self.body(self.statistics(x))
-
-    def gradcam_layer(self):
-        return None  # no learned spatial map to explain
+        super().__init__(cfg, image_size, ForensicStatistics(cfg.grid, cfg.relative))
