@@ -1,7 +1,8 @@
 """Speed benchmark of the trained detector: start-up, end-to-end throughput, bare forward passes.
 
     python -m bench.speed IMAGE_DIR [--weights weights] [--batch-size 32] [--workers N] [--threads T]
-                          [--repeats 3] [--limit N] [--device auto] [--no-cold] [--allow-contention]
+                          [--repeats 3] [--limit N] [--device auto] [--precision auto|fp32|bf16]
+                          [--no-cold] [--allow-contention]
                           [--train DATA_ROOT [--train-epochs 1] [--profile NAME | profile=NAME] [key=value ...]]
                           [--out BENCHMARKS_speed.json]
 
@@ -346,7 +347,7 @@ def run_infer(infer_module, image_dir: Path, csv_path: Path, args, weights: Path
         start = time.perf_counter()
         rc = infer_module.main([str(image_dir), "--csv", str(csv_path), "--weights", str(weights),
                                 "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-                                "--device", args.device])
+                                "--device", args.device] + precision_flag(args))
         total = time.perf_counter() - start
     finally:
         infer_module.score_images = original
@@ -359,13 +360,17 @@ def run_infer(infer_module, image_dir: Path, csv_path: Path, args, weights: Path
             "unreadable": unreadable}
 
 
+def precision_flag(args) -> list[str]:
+    return ["--precision", args.precision] if args.precision else []
+
+
 def cold_infer(image: Path, args, weights: Path) -> dict:
     """Wall time of a fresh `python infer.py ONE_IMAGE` (interpreter, imports, load, one image)."""
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     cmd = [sys.executable, str(REPO / "infer.py"), str(image), "--weights", str(weights),
-           "--device", args.device, "--workers", "0"]
+           "--device", args.device, "--workers", "0"] + precision_flag(args)
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -435,7 +440,8 @@ def markdown_report(r: dict) -> str:
     lines = [
         f"# Speed benchmark ({r['date']})", "",
         f"{r['n_images']} images of `{r['image_dir']}`, batch {r['batch_size']}, DataLoader workers {r['workers']}, "
-        f"{r['threads']} torch threads, device {r['device']}, {r['repeats']} repeat(s) (median); "
+        f"{r['threads']} torch threads, device {r['device']} ({r.get('precision', 'fp32')}), "
+        f"{r['repeats']} repeat(s) (median); "
         f"experts {', '.join(r['experts'])} (inputs {r['input_sizes']} px), ensemble {r['ensemble']}"
         + (f", TTA {'+'.join(r['tta'])}" if r["tta"] else "") + ".",
         f"Machine: {m['cpu_model']}, {m['cpus_usable']} of {m['cpu_count']} CPUs, {m.get('gpu', 'no GPU')}, "
@@ -491,6 +497,10 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    # the choices of ensemble.predictor.PRECISIONS, spelled out: importing it here would import
+    # torch before the start-up measurement does
+    parser.add_argument("--precision", default="", choices=["", "auto", "fp32", "bf16"],
+                        help="as infer.py --precision (default: its default), for the pipeline and the bare passes")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold `python infer.py` subprocess")
     parser.add_argument("--allow-contention", action="store_true",
                         help="exit 0 even when other processes competed for the CPU (still recorded)")
@@ -586,7 +596,8 @@ def measure(args, tmp: Path) -> tuple[dict, int]:
 
     start = time.perf_counter()
     try:
-        detector = EnsembleDetector.from_weights(args.weights, device=args.device)
+        detector = EnsembleDetector.from_weights(args.weights, device=args.device,
+                                                 **({"precision": args.precision} if args.precision else {}))
     except WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return {}, EXIT_USAGE
@@ -623,7 +634,7 @@ def measure(args, tmp: Path) -> tuple[dict, int]:
         "benchmark": "speed", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "image_dir": str(args.image_dir), "n_images": n, "limit": args.limit or None,
         "batch_size": args.batch_size, "workers": args.workers, "repeats": args.repeats,
-        "device": str(detector.device), "threads": torch.get_num_threads(),
+        "device": str(detector.device), "precision": detector.precision, "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "weights": str(args.weights),
         "experts": list(detector.experts), "input_sizes": detector.input_sizes, "tta": list(detector.tta),
         "ensemble": getattr(stacker, "method_", None) or ("stacker" if stacker is not None else "mean"),

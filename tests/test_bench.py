@@ -34,11 +34,12 @@ def test_speed(tiny, tmp_path):
     out = tmp_path / "speed.json"
     code = speed.main([str(root / "testset"), "--weights", str(weights), "--batch-size", "4", "--workers", "0",
                        "--threads", "1", "--repeats", "1", "--limit", "10", "--device", "cpu",
-                       "--allow-contention", "--out", str(out),
+                       "--precision", "fp32", "--allow-contention", "--out", str(out),
                        "--train", str(root), "--train-epochs", "1", *overrides])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["n_images"] == 10 and result["experts"] == ["convnext"] and result["threads"] == 1
+    assert result["precision"] == "fp32"
     assert result["end_to_end"]["images_per_s"] > 0 and result["end_to_end"]["rows"] == 10
     assert result["end_to_end"]["scoring_images_per_s"] >= result["end_to_end"]["images_per_s"]
     assert result["bare"]["images_per_s"] > 0 and result["bare"]["batches"] == 3  # 4 + 4 + 2
