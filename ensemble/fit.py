@@ -96,12 +96,15 @@ def holdout_rows(cfg: Config, splits: dict) -> StackingRows:
                         str(cfg.data_root), REMOVE_COPIES)
 
 
-def stacking_matrix(cfg: Config, row_sets: list[StackingRows], columns: list[str]
+def stacking_matrix(cfg: Config, row_sets: list[StackingRows], final: EnsembleDetector
                     ) -> tuple[np.ndarray, np.ndarray, int]:
     """(X, y, number of editing fakes among the rows): the experts' features of every
     readable image of every row set, then of the editing fakes of some of its reals.
+    `final`: the experts of `out` the stacker will combine (its columns; it scores the
+    hold-out rows itself rather than being loaded twice).
     Checked twice that no row is scored by an expert that trained on it: by content before
     the scoring, and by `assemble_oof_matrix` on the scores themselves."""
+    columns = final.feature_names()
     # The guard: no expert may be stacked on a score of an image it was trained on. Compared
     # by content, not by name: a training image copied under a new name is caught, and two
     # different images that share a name are not confused. Every set before any scoring.
@@ -110,8 +113,11 @@ def stacking_matrix(cfg: Config, row_sets: list[StackingRows], columns: list[str
     blocks, targets, n_editing = [], [], 0
     rng = np.random.default_rng(cfg.seed)
     for rows, ids in zip(row_sets, row_ids):
-        detector = EnsembleDetector.from_weights(rows.weights, rows.experts, cfg.device, tta=cfg.train.tta,
-                                                 use_stacker=False, meta_features=cfg.ensemble.meta_features)
+        if rows.weights == Path(cfg.out) and rows.experts == list(final.experts):
+            detector = final
+        else:
+            detector = EnsembleDetector.from_weights(rows.weights, rows.experts, cfg.device, tta=cfg.train.tta,
+                                                     use_stacker=False, meta_features=cfg.ensemble.meta_features)
         _, features, errors = score_samples(detector, [s.path for s in rows.samples], cfg.train.batch_size,
                                             cfg.data.num_workers, progress=sys.stderr.isatty())
         keep = [i for i in range(len(rows.samples)) if i not in errors]
@@ -132,12 +138,14 @@ def stacking_matrix(cfg: Config, row_sets: list[StackingRows], columns: list[str
     return np.vstack(blocks), np.concatenate(targets), n_editing
 
 
-def fit_ensemble(cfg: Config) -> dict:
-    """Fit the stacker (k-fold: on the fold experts already trained) and record it in `out`."""
+def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
+    """Fit the stacker (k-fold: on the fold experts already trained) and record it in `out`;
+    `splits`: the data root's, when the caller has already read them."""
     if cfg.ensemble.method != "auto" and cfg.ensemble.method not in COMBINERS:  # now, not after the scoring
         raise ConfigError(f"ensemble.method must be auto or one of {sorted(COMBINERS)}, got {cfg.ensemble.method!r}")
     k = check_oof_config(cfg)
-    splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods)
+    if splits is None:
+        splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods)
     # The experts the stacker combines at test time: the ones trained on all the data.
     detector = EnsembleDetector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta,
                                              use_stacker=False, meta_features=cfg.ensemble.meta_features)
@@ -147,7 +155,7 @@ def fit_ensemble(cfg: Config) -> dict:
         row_sets = out_of_fold_rows(cfg, pool, {s.name: content_id(s.path) for s in pool})
     else:
         row_sets = [holdout_rows(cfg, splits)]
-    X, y, n_editing = stacking_matrix(cfg, row_sets, columns)
+    X, y, n_editing = stacking_matrix(cfg, row_sets, detector)
 
     counts = np.bincount(y, minlength=2)
     if counts.min() < 2:
@@ -193,7 +201,9 @@ def main(argv=None) -> int:
             raise WeightsError(f"{cfg.out}: no expert(s) {missing} trained on all the data "
                                f"(python -m experts.train) for the stacker to combine")
         train_fold_experts(cfg, splits["trainset"] + splits["valset"])
-    fit_ensemble(cfg)
+        fit_ensemble(cfg, splits)
+    else:
+        fit_ensemble(cfg)
     return 0
 
 

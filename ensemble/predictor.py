@@ -9,7 +9,8 @@ caller crops, resizes and combines exactly as training did.
 
 Precision (`EnsembleDetector(precision=...)`, `--precision` of infer.py and ensemble.evaluate):
 `fp32`; `bf16`: the experts' forward passes run under bf16 autocast (scores stay float32;
-the forensic expert's spectrum opts out of autocast itself); `auto`: bf16 where the device
+the fixed statistics of the forensic and co-occurrence experts opt out of autocast
+themselves); `auto`: bf16 where the device
 computes it natively (see `native_bf16`), else fp32. The default is DEFAULT_PRECISION.
 """
 from __future__ import annotations

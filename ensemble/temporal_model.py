@@ -71,10 +71,11 @@ def padded(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def run_expert(expert: Expert, crops: list[np.ndarray], device,
-               precision: str = "fp32") -> tuple[torch.Tensor, np.ndarray]:
-    """Face crops -> (embeddings (T, D) float32 on the CPU, the expert's P(fake) per crop (T,)),
-    the forward passes in `precision` (fp32 or bf16; training always uses fp32)."""
+def run_expert(expert: Expert, crops: list[np.ndarray], device, precision: str = "fp32",
+               with_scores: bool = True) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Face crops -> (embeddings (T, D) float32 on the CPU, the expert's P(fake) per crop (T,),
+    or None without `with_scores`: scoring a video needs only the embeddings, and the scores
+    are a second forward pass), the passes in `precision` (fp32 or bf16; training uses fp32)."""
     device = torch.device(device)
     embeddings, scores = [], []
     for start in range(0, len(crops), EMBED_BATCH):
@@ -82,8 +83,9 @@ def run_expert(expert: Expert, crops: list[np.ndarray], device,
                                        for c in crops[start:start + EMBED_BATCH]]), device)
         with precision_autocast(precision, device):
             embeddings.append(expert.embed(x).float().cpu())
-            scores.append(expert.predict_proba(x).float().cpu())
-    return torch.cat(embeddings), torch.cat(scores).numpy()
+            if with_scores:
+                scores.append(expert.predict_proba(x).float().cpu())
+    return torch.cat(embeddings), (torch.cat(scores).numpy() if with_scores else None)
 
 
 @dataclass
@@ -100,7 +102,7 @@ class TemporalModel:
     def score(self, crops: list[np.ndarray]) -> float:
         if not crops:
             raise ValueError("temporal_score: no face crops")
-        embeddings, _ = run_expert(self.expert, list(crops), self.device, self.precision)
+        embeddings, _ = run_expert(self.expert, list(crops), self.device, self.precision, with_scores=False)
         batch, lengths = padded([embeddings.to(self.device)])
         return float(torch.sigmoid(self.head(batch, lengths))[0])
 
