@@ -105,3 +105,16 @@ def test_benchmarks_run_as_modules_from_the_repository_root():
         proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python -m {module}")
+
+
+def test_video_resolution_runs_on_a_short_clip(capsys):
+    """The 4K preprocessing benchmark end to end on a 2-frame clip: both tables, and the
+    tracked, capped path finds the face the per-frame path finds."""
+    from bench import video_resolution
+
+    assert video_resolution.main(["--frames", "1", "--clip-frames", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| after: capped to 1920, tracked, detected at 320 |" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| 4K frame", "| capped frame"))]
+    assert len(rows) == 4 and all(int(row.rstrip(" |").rsplit("|", 1)[1]) >= 1 for row in rows)
+    assert video_resolution.main(["--frames", "0"]) == 2
