@@ -36,7 +36,7 @@ class DataConfig:
     num_workers: int = 0           # DataLoader workers; 0 = load in the main process
     cache_dir: str = ".cache"      # decoded face crops are cached here (keyed by file + settings)
     online_fakes: float = 0.0      # probability that a training real becomes an editing fake on the fly
-    online_fake_ops: list[str] = field(default_factory=list)  # empty = all ops in data_prep.manipulations
+    online_fake_ops: list[str] = field(default_factory=list)  # empty = manipulations.DEFAULT_OPS
     fake_masks: str = "ellipse"    # ellipse (from the face box) | landmarks (dlib 68-point hull, as in SBI)
     methods: list[str] = field(default_factory=list)  # keep only these methods (<split>_methods.csv); [] = all
     extra_reals: list[str] = field(default_factory=list)  # more real faces for reals-only experts (DAE)

@@ -34,7 +34,7 @@ from common.cli import CommandLine, entry_point
 from common.errors import OutputExistsError, UsageError
 from data_prep.images import JPEG_QUALITY_RANGE, ImageDecodeError, decode_image, encode_jpeg
 from data_prep.labels import label_path, read_label_file, write_label_file
-from data_prep.manipulations import MANIPULATIONS, apply_manipulation, check_names
+from data_prep.manipulations import DEFAULT_OPS, MANIPULATIONS, apply_manipulation, check_names
 
 
 def add_editing_fakes(data_root, out, split="trainset", per_real=1, seed=0, ops=None) -> dict:
@@ -44,7 +44,7 @@ def add_editing_fakes(data_root, out, split="trainset", per_real=1, seed=0, ops=
         raise UsageError(f"{out}: output folder must differ from the data root")
     if per_real < 1:
         raise UsageError(f"per_real must be at least 1, got {per_real}")
-    ops = check_names(list(MANIPULATIONS) if ops is None else ops)
+    ops = check_names(list(DEFAULT_OPS) if ops is None else ops)
     rows = list(read_label_file(label_path(data_root, split)).items())
     for stale in (out / split, out / f"{split}_masks", label_path(out, split)):
         # Refuse rather than mix: leftovers of an earlier run would be unlabelled images.
@@ -173,7 +173,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="trainset")
     parser.add_argument("--per-real", type=int, default=1, help="fakes made from each real")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ops", default="", help=f"comma list; default all: {','.join(MANIPULATIONS)}")
+    parser.add_argument("--ops", default="",
+                        help=f"comma list of {','.join(MANIPULATIONS)}; default {','.join(DEFAULT_OPS)}")
     args = parser.parse_args(argv)
     ops = [op.strip() for op in args.ops.split(",") if op.strip()] or None
     summary = add_editing_fakes(args.data_root, args.out, args.split, args.per_real, args.seed, ops)

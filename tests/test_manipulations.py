@@ -144,3 +144,14 @@ def test_upsample_artefacts_face_or_whole_image():
         else:
             np.testing.assert_array_equal(fake[mask == 0], image[mask == 0])
     assert 0 < whole < 12
+
+
+def test_default_ops_leave_out_upsample_artefacts():
+    """Measured not to help on unseen methods (README): used only when named."""
+    from data_prep.manipulations import DEFAULT_OPS
+
+    assert set(DEFAULT_OPS) == EXPECTED_NAMES - {"upsample_artefacts"}
+    drawn = {random_manipulation(IMAGE, np.random.default_rng(s))[2] for s in range(60)}
+    assert drawn == set(DEFAULT_OPS)
+    named = {random_manipulation(IMAGE, np.random.default_rng(s), names=list(MANIPULATIONS))[2] for s in range(60)}
+    assert "upsample_artefacts" in named
