@@ -85,7 +85,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     ema_decay: float = 0.998
-    amp: str = "auto"              # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    amp: str = "auto"              # auto (bf16 where native, fp16 on other GPUs, else off) | off | bf16 | fp16
     channels_last: bool = False
     grad_accum: int = 1
     balanced_sampling: bool = True

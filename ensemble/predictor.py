@@ -11,7 +11,7 @@ Precision (`EnsembleDetector(precision=...)`, `--precision` of infer.py and ense
 `fp32`; `bf16`: the experts' forward passes run under bf16 autocast (scores stay float32;
 the fixed statistics of the forensic and co-occurrence experts opt out of autocast
 themselves); `auto`: bf16 where the device
-computes it natively (see `native_bf16`), else fp32. The default is DEFAULT_PRECISION.
+computes it natively (`common.runtime.native_bf16`), else fp32. The default is DEFAULT_PRECISION.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from common.errors import UsageError
 from common.inputs import to_unit_float
-from common.runtime import select_device
+from common.runtime import native_bf16, select_device
 from configs import ConfigError, FaceConfig
 from data_prep.faces import crop_face
 from data_prep.images import ImageDecodeError, decode_image
@@ -45,19 +45,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # 0.7188 on lfw_faceswap; README "Inference") once the fixed statistics stayed float32.
 # This one constant is every command's default.
 DEFAULT_PRECISION = "auto"
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 with its own kernels: a CUDA GPU that supports it, or a
-    CPU on which oneDNN runs bf16 (AVX-512 or AMX, as oneDNN itself reports, else torch's CPU
-    capability); on older CPUs bf16 would be emulated, slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    onednn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if onednn_check is not None:
-        return bool(onednn_check())
-    capability = torch.backends.cpu.get_cpu_capability()
-    return "AVX512" in capability or "AMX" in capability
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -23,12 +23,12 @@ def test_cpu_profile_values_and_defaults():
     cfg = load_config("cpu")
     assert cfg.experts == ["forensic", "resnet", "dae"]
     assert cfg.train.lr == pytest.approx(0.002)
-    assert cfg.train.amp == "off"
+    assert cfg.train.amp == "auto"
     assert cfg.face.crop_size == 256 and cfg.face.shrink == "center" and cfg.face.detector == "dlib"
     assert cfg.data.fake_masks == "landmarks"
     assert cfg.expert["forensic"].image_size == 256 and cfg.expert["mesonet"].image_size == 256
     assert cfg.expert["clip"].trainable == "all"
-    assert cfg.expert["resnet"].input_filter == "srm" and cfg.expert["resnet"].epochs == 8
+    assert cfg.expert["resnet"].input_filter == "srm" and cfg.expert["resnet"].epochs == 14
     assert cfg.data.online_fakes == pytest.approx(0.2)
     # Not in the YAML: the dataclass defaults
     assert cfg.train.weight_decay == pytest.approx(0.05)

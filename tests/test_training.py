@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from configs import ConfigError
 from data_prep.loaders import FaceCropDataset
 from experts import train as experts_train
 from experts.weights import MANIFEST, load_expert
@@ -240,3 +241,18 @@ def test_a_new_timm_backbone_is_a_yaml_change(demo_root, tmp_path, crop_cache):
     heatmaps = grad_cam(expert, layer, torch.rand(2, 3, 64, 64), class_index=1)
     assert heatmaps.shape == (2, 64, 64) and np.isfinite(heatmaps).all()
 
+
+
+def test_amp_auto_is_bf16_only_where_native(monkeypatch):
+    """train.amp=auto: bf16 on a CPU with bf16 units, fp32 on one without (emulated bf16 is
+    slower than fp32); off and an explicit bf16 mean what they say."""
+    from common import runtime
+
+    cpu = torch.device("cpu")
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
+        assert runtime.mixed_precision("auto", cpu) == (expected, False)
+        assert runtime.mixed_precision("off", cpu) == (None, False)
+        assert runtime.mixed_precision("bf16", cpu) == (torch.bfloat16, False)
+    with pytest.raises(ConfigError, match="train.amp"):
+        runtime.mixed_precision("fp8", cpu)
