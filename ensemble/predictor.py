@@ -10,8 +10,9 @@ caller crops, resizes and combines exactly as training did.
 Precision (`EnsembleDetector(precision=...)`, `--precision` of infer.py and ensemble.evaluate):
 `fp32`; `bf16`: the experts' forward passes run under bf16 autocast (scores stay float32;
 the fixed statistics of the forensic and co-occurrence experts opt out of autocast
-themselves); `auto`: bf16 where the device
-computes it natively (`common.runtime.native_bf16`), else fp32. The default is DEFAULT_PRECISION.
+themselves); `auto`: bf16 where the device computes it natively
+(`common.runtime.native_bf16`, which `train.amp: auto` follows too), else fp32. The default
+is DEFAULT_PRECISION.
 """
 from __future__ import annotations
 
