@@ -28,7 +28,7 @@ def test_cpu_profile_values_and_defaults():
     assert cfg.data.fake_masks == "landmarks"
     assert cfg.expert["forensic"].image_size == 256 and cfg.expert["mesonet"].image_size == 256
     assert cfg.expert["clip"].trainable == "all"
-    assert cfg.expert["resnet"].input_filter == "srm" and cfg.expert["resnet"].epochs == 14
+    assert cfg.expert["resnet"].input_filter == "srm" and cfg.expert["resnet"].epochs == 20
     assert cfg.data.online_fakes == pytest.approx(0.2)
     # Not in the YAML: the dataclass defaults
     assert cfg.train.weight_decay == pytest.approx(0.05)
