@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     if not cfg.data_root:
         raise UsageError("no data root: python -m ensemble.fit DATA_ROOT [key=value ...]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    splits = None  # read here only when the fold trainings need them first
     if check_oof_config(cfg) and not args.reuse_fold_experts:
         splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods)
         # The experts the stacker will combine must be there before K trainings, not after.
@@ -201,9 +202,7 @@ def main(argv=None) -> int:
             raise WeightsError(f"{cfg.out}: no expert(s) {missing} trained on all the data "
                                f"(python -m experts.train) for the stacker to combine")
         train_fold_experts(cfg, splits["trainset"] + splits["valset"])
-        fit_ensemble(cfg, splits)
-    else:
-        fit_ensemble(cfg)
+    fit_ensemble(cfg, splits)
     return 0
 
 

@@ -21,17 +21,16 @@ The histograms are counted by scatter_add rather than bincount, so the expert ex
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from configs import ExpertConfig
-from experts.base import FixedStatisticsClassifier, register_expert
+from experts.base import FixedStatistics, FixedStatisticsClassifier, register_expert
 
 TRUNCATION = 2                       # residuals quantised to -2..2: 5 values, 25 pairs
 QUANTISATION_STEPS = (1.0, 3.0)      # fine steps see sensor/JPEG noise, coarse ones blending and smoothing
 LOG_FLOOR = 1e-5                     # a pair never seen in a crop: log of a small frequency, not -inf
 
 
-class ResidualCooccurrences(nn.Module):
+class ResidualCooccurrences(FixedStatistics):
     """(B, 3, H, W) in [0, 1] -> (B, 200) log co-occurrence frequencies; no parameters."""
 
     levels = 2 * TRUNCATION + 1
@@ -40,13 +39,7 @@ class ResidualCooccurrences(nn.Module):
     def n_features(self) -> int:
         return 2 * len(QUANTISATION_STEPS) * 2 * self.levels ** 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 even under bf16 autocast: bf16's 8 significant bits would round the small
-        # second differences themselves (see ForensicStatistics.forward)
-        with torch.autocast(x.device.type, enabled=False):
-            return self.cooccurrences(x.float())
-
-    def cooccurrences(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         grey = x.mean(dim=1) * 255
         horizontal = grey[:, :, :-2] - 2 * grey[:, :, 1:-1] + grey[:, :, 2:]
         vertical = grey[:, :-2, :] - 2 * grey[:, 1:-1, :] + grey[:, 2:, :]

@@ -26,16 +26,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from configs import ConfigError, ExpertConfig
-from experts.base import FixedStatisticsClassifier, NoiseResiduals, register_expert
+from experts.base import FixedStatistics, FixedStatisticsClassifier, NoiseResiduals, register_expert
 
 SPECTRUM_BINS = 16
 
 
-class ForensicStatistics(nn.Module):
+class ForensicStatistics(FixedStatistics):
     """(B, 3, H, W) in [0, 1] -> (B, n_features) fixed statistics; no parameters."""
 
     def __init__(self, grid: int, relative: bool = False):
@@ -73,15 +72,7 @@ class ForensicStatistics(nn.Module):
         cells = self.grid * self.grid
         return 6 * cells + (2 if self.relative else 3) * 3 * cells + SPECTRUM_BINS + 16
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Always float32, also under bf16 autocast (train.amp, infer --precision bf16): with 8
-        # significant bits the residuals of neighbouring pixels cancel to rounding noise and the
-        # weak frequencies drown (FF++ testset AUC 0.715 -> 0.633 when they ran in bf16). The
-        # statistics are cheap; only the MLP on top may run in bf16.
-        with torch.autocast(x.device.type, enabled=False):
-            return self.pooled_statistics(x.float())
-
-    def pooled_statistics(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         grey = x.mean(dim=1, keepdim=True) * 255
         residuals = torch.cat([self.srm(x) * 25.5, F.conv2d(grey, self.extra, padding=1)], dim=1).abs()
         res = torch.log1p(F.adaptive_avg_pool2d(residuals, self.grid)).flatten(1)
