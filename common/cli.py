@@ -35,9 +35,10 @@ import sys
 from common.errors import UsageError, UserError
 
 EXIT_KNOWN_ERROR = 2
-# `key=value`: a config key (letters, digits, `_` and dots) before the first `=`; a path that
-# happens to hold a `=` further on (`runs/lr=0.1`) is still a positional argument.
-OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=")
+# `key=value`: a config key (letters, digits, `_`, dots and the `*` of `expert.*.key`) before
+# the first `=`; a path that happens to hold a `=` further on (`runs/lr=0.1`) is still a
+# positional argument.
+OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_.*]*=")
 
 
 class CommandLine(argparse.ArgumentParser):

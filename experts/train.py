@@ -278,6 +278,10 @@ def export(run: ExpertRun, rt: Runtime, splits: dict, started: float) -> dict:
     summary = {
         "best_epoch": run.best["epoch"], "val_auc": safe_auc(y_val, p_val), "epochs": run.epochs,
         "train_seconds": round(time.time() - started, 1), "image_size": run.size,
+        # where and how it ran, so a manifest says whether the GPU, AMP and DDP were used
+        "hardware": {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
+                     "processes": rt.world, "channels_last": cfg.train.channels_last,
+                     "precision": str(run.amp_dtype).removeprefix("torch.") if run.amp_dtype else "float32"},
         "data": {"trainset": summarize(run.train_samples), "valset": summarize(splits["valset"])},
         "history": run.history,
     }

@@ -127,6 +127,15 @@ def test_a_path_holding_an_equals_sign_is_still_the_data_root():
     assert args.positional == "runs/lr=0.1" and args.overrides == ["seed=3"]
 
 
+def test_a_wildcard_override_is_an_override_at_every_entry_point():
+    """`expert.*.pretrained=false`, the command issue 10 gives for the gpu profile offline: every
+    command of train.sh takes it as an override, not as a second positional argument."""
+    args = parser().parse_args(["root", "profile=gpu", "expert.*.pretrained=false"])
+    assert args.positional == "root" and args.overrides == ["expert.*.pretrained=false"]
+    cfg = config_from(args, data_root=args.positional)
+    assert cfg.expert and not any(cfg.expert_config(name).pretrained for name in cfg.expert)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["a", "b"], r"expected one DATA_ROOT, got \['a', 'b'\]"),
     ([], "DATA_ROOT is missing"),

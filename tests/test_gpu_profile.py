@@ -77,6 +77,8 @@ def test_every_expert_of_the_profile_trains_as_defined(gpu_run):
         assert changed <= OVERRIDABLE, f"{name}: the test changed {changed - OVERRIDABLE}"
         assert defined["pretrained"] is True and trained["pretrained"] is False
         assert entry["input_size"] == SIZE
+        assert entry["training"]["hardware"] == {"device": "cpu", "processes": 1, "channels_last": True,
+                                                 "precision": "float32"}
         [epoch] = entry["training"]["history"]
         assert math.isfinite(epoch["train_loss"])
 
@@ -146,6 +148,7 @@ def expert_line(out: str, name: str) -> str:
 
 @pytest.mark.parametrize("args", [
     ["--profile", "gpu", *(f"expert.{name}.pretrained=false" for name in GPU.experts)],
+    ["--profile", "gpu", "expert.*.pretrained=false"],  # as train.sh passes issue 10's command on
     [],  # the cpu profile: everything from scratch
 ])
 def test_check_pretrained_passes_without_pretrained_weights(hub_cache, capsys, args):

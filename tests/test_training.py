@@ -205,6 +205,8 @@ def test_training_with_bf16_autocast_on_cpu(demo_root, tmp_path, crop_cache):
     assert experts_train.main([str(demo_root), *overrides, "train.amp=bf16"]) == 0
     state = load_file(str(tmp_path / "weights" / "convnext.safetensors"))
     assert all(torch.isfinite(t.float()).all() for t in state.values())
+    manifest = json.loads((tmp_path / "weights" / MANIFEST).read_text())
+    assert manifest["experts"]["convnext"]["training"]["hardware"]["precision"] == "bfloat16"
 
 
 def test_a_new_timm_backbone_is_a_yaml_change(demo_root, tmp_path, crop_cache):
