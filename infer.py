@@ -256,6 +256,11 @@ def main(argv=None) -> int:
 def stop_like_ctrl_c(signum, _frame):
     """SIGTERM (`kill`, a job scheduler's stop) unwinds like Ctrl-C instead of ending the
     process on the spot, so `atomic_write` still removes its temp file."""
+    # Sent to the whole process group (`timeout`, a scheduler), the signal also stops the
+    # decoding DataLoader's workers; torch's SIGCHLD check would then print their deaths as a
+    # traceback while this unwinds. They are meant to stop: ignore it from here on.
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, lambda *_: None)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 

@@ -120,12 +120,20 @@ if stage == "writing":  # the temp CSV is complete, not yet renamed onto the rea
             pause()
         return replace(src, dst)
     os.replace = pausing_replace
-else:  # "scoring": no CSV written yet
+elif stage == "scoring":  # no CSV written yet
     import ensemble.predictor as predictor
     score_files = predictor.score_files
     def pausing_score_files(*args, **kwargs):
         pause()
         yield from score_files(*args, **kwargs)
+    predictor.score_files = pausing_score_files
+else:  # "decoding": after the first batch, with the DataLoader's workers running
+    import ensemble.predictor as predictor
+    score_files = predictor.score_files
+    def pausing_score_files(*args, **kwargs):
+        for batch in score_files(*args, **kwargs):
+            yield batch
+            pause()
     predictor.score_files = pausing_score_files
 sys.argv = ["infer.py", *sys.argv[4:]]
 runpy.run_path("infer.py", run_name="__main__")
@@ -172,6 +180,26 @@ def test_signal_during_infer_csv_leaves_no_partial_file(untrained_detector, tmp_
         assert csv_path.read_text() == previous
     else:
         assert left == []
+
+
+def test_sigterm_to_the_process_group_while_workers_decode_is_one_line(untrained_detector, tmp_path):
+    """As `timeout` or a scheduler stops a job: every process of the group gets SIGTERM, the
+    decoding workers too. infer.py still ends with its one line, no worker traceback."""
+    weights_dir, images = untrained_detector
+    csv_path, marker = tmp_path / "submission.csv", tmp_path / "paused"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_INFER, str(marker), "decoding", csv_path.name, str(images),
+                             "--csv", str(csv_path), "--weights", str(weights_dir), "--workers", "2",
+                             "--batch-size", "1", "--device", "cpu"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for(marker, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    assert err.rstrip().splitlines()[-1].startswith("interrupted (SIGTERM)")
+    assert not csv_path.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["paused"]
 
 
 # ---------------------------------------------------------------- a full disk
