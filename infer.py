@@ -68,8 +68,9 @@ def parse_args(argv):
                         help="onnx: the experts run by onnxruntime on the CPU, from the folder (or manifest "
                              ".json) that `python -m experts.export_onnx` wrote, given as --weights")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
-                        help="decode/crop worker processes (0 = in the main process)")
+    parser.add_argument("--workers", type=int,
+                        help="decode/crop worker processes (0 = in the main process; default: all cores "
+                             "but one, up to 8, on a GPU; up to 3 on the CPU)")
     parser.add_argument("--frames", type=int, default=16, help="frames sampled per video")
     parser.add_argument("--video-rule", default="confidence", choices=[*AGGREGATION_RULES, TEMPORAL_RULE],
                         help="how frame scores make a video's score (top-k: mean of the top quarter); "
@@ -200,6 +201,9 @@ def main(argv=None) -> int:
     else:
         detector = EnsembleDetector.from_weights(args.weights, experts, args.device, tta,
                                                  precision=args.precision)
+    if args.workers is None:
+        from ensemble.predictor import default_decode_workers
+        args.workers = default_decode_workers(detector.device)
     temporal = None
     if args.video_rule == TEMPORAL_RULE:  # loaded once, before any input, so no head fails at once
         from ensemble.temporal_model import require_temporal

@@ -488,7 +488,7 @@ def markdown_report(r: dict) -> str:
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv):
-    default_workers = min(4, os.cpu_count() or 1) - 1  # infer.py's default
+    default_workers = min(4, os.cpu_count() or 1) - 1  # infer.py's default on the CPU (default_decode_workers)
     parser = CommandLine("python -m bench.speed", __doc__, positional="IMAGE_DIR")
     parser.add_argument("--weights", type=Path, default=REPO / "weights")
     parser.add_argument("--batch-size", type=int, default=32)

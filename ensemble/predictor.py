@@ -17,6 +17,7 @@ is DEFAULT_PRECISION.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,6 +238,14 @@ def collate_images(items):
     failed = [(i, e) for i, _, e in items if e]
     batch = {s: torch.stack([t[s] for _, t in ok]) for s in (ok[0][1] if ok else {})}
     return [i for i, _ in ok], batch, failed
+
+
+def default_decode_workers(device: torch.device) -> int:
+    """Decode/crop worker processes when none are asked for. On a GPU the CPU has nothing
+    else to do: all cores but one, up to 8 (the H100 run, BENCHMARKS.md, had 16 cores and
+    waited on decoding). On the CPU the forward passes need the cores too: at most 3."""
+    cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1)) if device.type == "cuda" else min(4, cores) - 1
 
 
 def score_files(detector: EnsembleDetector, paths: list[Path], batch_size=32, workers=0, progress=False):

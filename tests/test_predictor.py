@@ -74,3 +74,12 @@ def test_precision_auto_follows_native_bf16_and_unknown_is_refused(monkeypatch):
     assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
     with pytest.raises(UsageError, match="precision must be one of"):
         resolve_precision("fp16", cpu)
+
+
+@pytest.mark.parametrize("device, cores, expected", [
+    ("cuda", 16, 8), ("cuda", 4, 3), ("cuda", 1, 0),  # a GPU: every core but one, up to 8
+    ("cpu", 16, 3), ("cpu", 2, 1), ("cpu", 1, 0),     # the CPU: its cores also run the experts
+])
+def test_default_decode_workers_follow_the_device_and_the_cores(monkeypatch, device, cores, expected):
+    monkeypatch.setattr(predictor.os, "cpu_count", lambda: cores)
+    assert predictor.default_decode_workers(torch.device(device)) == expected
