@@ -107,8 +107,11 @@ def test_kill_9_mid_epoch_then_resume_gives_identical_weights(demo_root, tmp_pat
 # ---------------------------------------------------------------- signals during infer --csv
 
 PAUSE_IN_INFER = """
-import os, runpy, sys, time
+import os, runpy, signal, sys, time
 from pathlib import Path
+# Ctrl-C as in a terminal, also when the tests run as a background job (whose children
+# inherit SIGINT ignored, and then Python installs no KeyboardInterrupt handler)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 marker, stage, csv_name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 def pause():
     marker.write_text("paused")
