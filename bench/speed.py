@@ -488,7 +488,9 @@ def markdown_report(r: dict) -> str:
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv):
-    default_workers = min(4, os.cpu_count() or 1) - 1  # infer.py's default on the CPU (default_decode_workers)
+    # infer.py's default on the CPU (ensemble.predictor.default_decode_workers), spelled out:
+    # importing it would import torch before the start-up measurement does
+    default_workers = min(4, os.cpu_count() or 1) - 1
     parser = CommandLine("python -m bench.speed", __doc__, positional="IMAGE_DIR")
     parser.add_argument("--weights", type=Path, default=REPO / "weights")
     parser.add_argument("--batch-size", type=int, default=32)

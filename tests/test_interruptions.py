@@ -28,10 +28,12 @@ from helpers import tiny_overrides
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start(code: str, *args) -> subprocess.Popen:
+def start(code: str, *args, new_session: bool = False) -> subprocess.Popen:
+    """`code` in a child Python; `new_session`: in a process group of its own, to signal it whole."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=new_session)
 
 
 def wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -123,20 +125,16 @@ if stage == "writing":  # the temp CSV is complete, not yet renamed onto the rea
             pause()
         return replace(src, dst)
     os.replace = pausing_replace
-elif stage == "scoring":  # no CSV written yet
+else:
     import ensemble.predictor as predictor
     score_files = predictor.score_files
     def pausing_score_files(*args, **kwargs):
-        pause()
-        yield from score_files(*args, **kwargs)
-    predictor.score_files = pausing_score_files
-else:  # "decoding": after the first batch, with the DataLoader's workers running
-    import ensemble.predictor as predictor
-    score_files = predictor.score_files
-    def pausing_score_files(*args, **kwargs):
+        if stage == "scoring":  # no CSV written yet
+            pause()
         for batch in score_files(*args, **kwargs):
             yield batch
-            pause()
+            if stage == "decoding":  # after the first batch, with the DataLoader's workers running
+                pause()
     predictor.score_files = pausing_score_files
 sys.argv = ["infer.py", *sys.argv[4:]]
 runpy.run_path("infer.py", run_name="__main__")
@@ -190,12 +188,8 @@ def test_sigterm_to_the_process_group_while_workers_decode_is_one_line(untrained
     decoding workers too. infer.py still ends with its one line, no worker traceback."""
     weights_dir, images = untrained_detector
     csv_path, marker = tmp_path / "submission.csv", tmp_path / "paused"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_INFER, str(marker), "decoding", csv_path.name, str(images),
-                             "--csv", str(csv_path), "--weights", str(weights_dir), "--workers", "2",
-                             "--batch-size", "1", "--device", "cpu"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = start(PAUSE_IN_INFER, marker, "decoding", csv_path.name, images, "--csv", csv_path,
+                 "--weights", weights_dir, "--workers", 2, "--batch-size", 1, "--device", "cpu", new_session=True)
     wait_for(marker, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

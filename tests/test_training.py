@@ -244,7 +244,6 @@ def test_a_new_timm_backbone_is_a_yaml_change(demo_root, tmp_path, crop_cache):
     assert heatmaps.shape == (2, 64, 64) and np.isfinite(heatmaps).all()
 
 
-
 def test_amp_auto_is_bf16_only_where_native(monkeypatch):
     """train.amp=auto: bf16 on a CPU with bf16 units, fp32 on one without (emulated bf16 is
     slower than fp32); off and an explicit bf16 mean what they say."""
