@@ -135,7 +135,7 @@ class EnsembleDetector:
         """The experts whose error terms are stacker inputs (meta-feature dae_terms)."""
         if "dae_terms" not in self.meta_features:
             return []
-        return [n for n, model in self.experts.items() if hasattr(model, "score_terms")]
+        return [n for n, model in self.experts.items() if getattr(model, "has_error_ratios", False)]
 
     def feature_names(self) -> list[str]:
         names = list(self.experts)
@@ -156,15 +156,18 @@ class EnsembleDetector:
         for name, model in self.experts.items():
             views = tta_views(inputs[model.image_size], self.tta)
             with precision_autocast(self.precision, self.device):
-                p_fake = torch.stack([model.predict_proba(v).float() for v in views]).cpu()
-                terms = [model.score_terms(v).float() for v in views] if name in with_terms else []
+                if name in with_terms:
+                    outputs = [model.predict_proba_and_error_ratios(v) for v in views]
+                    p_fake = torch.stack([p.float() for p, _ in outputs]).cpu()
+                    ratio = torch.stack([r.float() for _, r in outputs]).mean(0).cpu()
+                else:
+                    p_fake = torch.stack([model.predict_proba(v).float() for v in views]).cpu()
             means.append(p_fake.mean(0))
             spreads.append(p_fake.max(0).values - p_fake.min(0).values)
-            if terms:
+            if name in with_terms:
                 # Each term relative to its mean on the training reals (1 = as a typical real),
                 # as r / (1 + r): in (0, 1) like a score, and logit(r / (1 + r)) = log r, so
                 # the logistic stacker reads log error ratios.
-                ratio = torch.stack([t / model.term_scale for t in terms]).mean(0).cpu()
                 errors += list((ratio / (1 + ratio)).unbind(1))
         cols = means + (spreads if self.tta else []) + errors
         return torch.stack(cols, dim=1).numpy()

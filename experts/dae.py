@@ -83,13 +83,28 @@ class DenoisingAutoencoderExpert(Expert):
         feat_err = torch.stack([(a - b).pow(2).flatten(1).mean(1) for a, b in zip(fx, fr)]).mean(0)
         return torch.stack([global_err, patch_err, feat_err], dim=1).float()
 
+    def error_ratios(self, x) -> torch.Tensor:
+        """(B, 3): each error term over its mean on the training reals (1 = as a typical real)."""
+        return self.score_terms(x) / self.term_scale
+
     def anomaly_score(self, x) -> torch.Tensor:
-        return (self.score_terms(x) / self.term_scale * self.score_weights).sum(1)
+        return (self.error_ratios(x) * self.score_weights).sum(1)
+
+    def logits(self, ratios: torch.Tensor) -> torch.Tensor:
+        a, b = self.calibration
+        logit = a * (ratios * self.score_weights).sum(1) + b
+        return torch.stack([torch.zeros_like(logit), logit], dim=1)  # softmax[:, 1] = sigmoid(logit)
 
     def forward(self, x):
-        a, b = self.calibration
-        logit = a * self.anomaly_score(x) + b
-        return torch.stack([torch.zeros_like(logit), logit], dim=1)  # softmax[:, 1] = sigmoid(logit)
+        return self.logits(self.error_ratios(x))
+
+    # The stacker's meta-feature dae_terms reads the error ratios beside P(fake) (ensemble.predictor).
+    has_error_ratios = True
+
+    def predict_proba_and_error_ratios(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P(fake) (B,), error ratios (B, 3)) from one reconstruction, not two."""
+        ratios = self.error_ratios(x)
+        return self.logits(ratios).float().softmax(dim=1)[:, 1], ratios.float()
 
     def embed(self, x):
         return self.encoder(x).mean(dim=(2, 3))
