@@ -17,7 +17,8 @@ them (data_prep.tracking; detected on copies of at most `--detect-side` pixels),
 crop, and aggregating the frame scores (`--video-rule`, see data_prep.video.aggregate_frame_scores).
 `--video-rule temporal` instead gives the tracked crops, in frame order, to the temporal head
 trained beside the experts (`python -m ensemble.temporal`; torch backend only), which reads how
-the face changes from frame to frame.
+the face changes from frame to frame; `--video-rule temporal_stack` to the video stacker
+trained with it, which combines the head's score with the ensemble's mean frame score.
 
 `--precision bf16` runs the experts' forward passes under bf16 autocast (scores stay float32),
 `auto` does so only where the CPU or GPU computes bf16 natively; the default is
@@ -51,6 +52,8 @@ FALLBACK_SCORE = 0.5  # an unreadable file says nothing either way
 
 
 TEMPORAL_RULE = "temporal"  # --video-rule: the temporal head instead of a rule over frame scores
+TEMPORAL_STACK_RULE = "temporal_stack"  # --video-rule: the video stacker over the head and the frame mean
+TEMPORAL_RULES = (TEMPORAL_RULE, TEMPORAL_STACK_RULE)
 
 
 def parse_args(argv):
@@ -72,9 +75,10 @@ def parse_args(argv):
                         help="decode/crop worker processes (0 = in the main process; default: all cores "
                              "but one, up to 8, on a GPU; up to 3 on the CPU)")
     parser.add_argument("--frames", type=int, default=16, help="frames sampled per video")
-    parser.add_argument("--video-rule", default="confidence", choices=[*AGGREGATION_RULES, TEMPORAL_RULE],
+    parser.add_argument("--video-rule", default="confidence", choices=[*AGGREGATION_RULES, *TEMPORAL_RULES],
                         help="how frame scores make a video's score (top-k: mean of the top quarter); "
-                             "temporal: the temporal head over the frame sequence")
+                             "temporal: the temporal head over the frame sequence; temporal_stack: the "
+                             "video stacker over the head and the ensemble's mean frame score")
     parser.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
                         help="of the experts' forward passes: bf16 autocast, or auto = bf16 where the device "
                              "has native bf16 (default %(default)s)")
@@ -91,8 +95,8 @@ def parse_args(argv):
         parser.error("--backend onnx runs on the CPU; leave out --device cuda")
     if args.backend == "onnx" and args.precision == "bf16":
         parser.error("--backend onnx runs its fp32 export; --precision bf16 needs --backend torch")
-    if args.backend == "onnx" and args.video_rule == TEMPORAL_RULE:
-        parser.error("--video-rule temporal runs the temporal head in torch; it needs --backend torch")
+    if args.backend == "onnx" and args.video_rule in TEMPORAL_RULES:
+        parser.error(f"--video-rule {args.video_rule} runs the temporal head in torch; it needs --backend torch")
     if args.frames < 1 or args.max_side < 0 or args.detect_side < 32:
         parser.error("--frames must be >= 1, --max-side >= 0 and --detect-side >= 32")
     return args
@@ -165,14 +169,17 @@ def score_images(detector, paths, args, on_error) -> dict[Path, float]:
 
 def score_video(detector, path: Path, args, temporal=None) -> float:
     """P(fake) of one video: by the temporal head when one is given (--video-rule temporal),
-    else by `args.video_rule` over the ensemble's frame scores."""
+    or by the video stacker over it and the ensemble's frame scores (temporal_stack), else by
+    `args.video_rule` over the ensemble's frame scores."""
     from data_prep.video import aggregate_frame_scores, sample_face_crops
 
     face = temporal.face if temporal is not None else detector.face
     tracked = sample_face_crops(path, face, args.frames, args.max_side, args.detect_side)
-    if temporal is not None:
+    if args.video_rule == TEMPORAL_RULE:
         return temporal.score(tracked.crops)
     p, _ = detector.score_crops(detector.batch_of_crops(tracked.crops))
+    if args.video_rule == TEMPORAL_STACK_RULE:
+        return temporal.score_stacked(tracked.crops, p)
     return aggregate_frame_scores(p.tolist(), args.video_rule)
 
 
@@ -205,9 +212,16 @@ def main(argv=None) -> int:
         from ensemble.predictor import default_decode_workers
         args.workers = default_decode_workers(detector.device)
     temporal = None
-    if args.video_rule == TEMPORAL_RULE:  # loaded once, before any input, so no head fails at once
+    if args.video_rule in TEMPORAL_RULES:  # loaded once, before any input, so no head fails at once
+        from common.errors import UsageError
         from ensemble.temporal_model import require_temporal
+        from experts.weights import read_manifest
         temporal = require_temporal(args.weights, detector.device, args.precision)
+        if args.video_rule == TEMPORAL_STACK_RULE:
+            if temporal.face != detector.face:
+                raise UsageError(f"--video-rule {TEMPORAL_STACK_RULE}: the temporal head's frame expert crops "
+                                 f"faces unlike the ensemble's experts")
+            temporal.check_frame_ensemble(detector, read_manifest(args.weights))
 
     files, problems, names = expand_inputs(args.inputs, args.recursive)
     for message in problems:

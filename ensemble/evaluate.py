@@ -69,7 +69,7 @@ from data_prep.labels import label_path
 from data_prep.video import MAX_SIDE
 from ensemble.predictor import DEFAULT_PRECISION, PRECISIONS
 from ensemble.reports import markdown_report, write_metrics, write_scores_csv
-from experts.weights import WeightsError
+from experts.weights import WeightsError, read_manifest
 
 log = logging.getLogger("ensemble.evaluate")
 
@@ -191,9 +191,11 @@ def metrics_table(y: np.ndarray, scores: dict[str, np.ndarray], thresholds: dict
 
 
 def temporal_video_scores(weights: Path, detector) -> dict:
-    """{"temporal": scorer of a video's tracked crops} when `weights` holds a usable temporal
-    head, else {}: no head, or one that cannot be used here (stale after its frame expert was
-    retrained, or cropping faces unlike the ensemble's experts) gives one warning line."""
+    """{"temporal": scorer of a video's tracked crops, "temporal_stack": the video stacker
+    over it and the ensemble's frame scores} when `weights` holds a usable temporal head (and
+    video stacker), else what is usable: no head gives {}; one that cannot be used here
+    (stale after its frame expert was retrained, or cropping faces unlike the ensemble's
+    experts), or a stale video stacker, gives one warning line."""
     from ensemble.temporal_model import load_temporal
 
     try:
@@ -207,7 +209,16 @@ def temporal_video_scores(weights: Path, detector) -> dict:
         log.warning("video rule temporal skipped: its frame expert %r was trained on face crops made "
                     "with other settings than the ensemble's experts", temporal.expert_name)
         return {}
-    return {"temporal": lambda tracked: temporal.score(tracked.crops)}
+    scorers = {"temporal": lambda tracked, _frame_scores: temporal.score(tracked.crops)}
+    if temporal.video_stacker is None:
+        return scorers
+    try:
+        temporal.check_frame_ensemble(detector, read_manifest(weights))
+    except WeightsError as err:
+        log.warning("video rule temporal_stack skipped: %s", " ".join(str(err).split()))
+        return scorers
+    scorers["temporal_stack"] = lambda tracked, frame_scores: temporal.score_stacked(tracked.crops, frame_scores)
+    return scorers
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -30,6 +30,15 @@ Where the sequences come from:
 
 It writes `<weights>/temporal.safetensors` and its manifest entry, with the held-out AUC of
 the head and of the frame-only baseline (the mean of the frame expert's scores).
+
+Then the head joins the ensemble for videos: a **video stacker** (`ensemble.stacking`, the
+config's `ensemble.method`, monotone) combines two scores per sequence, the trained
+ensemble's mean P(fake) over the frames and the head's P(fake) (`VIDEO_STACK_COLUMNS`). It
+is fitted on the held-out sequences only, where neither the head nor the frame experts'
+training saw the video, and needs `MIN_STACK_SEQUENCES` of each class there; its
+cross-validated AUC is recorded. `temporal_stacker.json` beside the head; the manifest entry
+records which experts, stacker and TTA views made the frame scores, so refitting the frame
+ensemble makes it stale (`infer.py --video-rule temporal_stack`, `ensemble.evaluate --videos`).
 """
 from __future__ import annotations
 
@@ -58,7 +67,20 @@ from data_prep.audit import fingerprint, near_duplicate_pairs
 from data_prep.dataset import Sample, load_splits, read_methods_file
 from data_prep.faces import FaceCropCache
 from data_prep.video import LABELS_FILE, VideoDecodeError, read_video_labels, sample_face_crops
-from ensemble.temporal_model import MANIFEST_NAME, MANIFEST_SECTION, TEMPORAL_FILE, TemporalHead, padded, run_expert
+from ensemble.predictor import EnsembleDetector
+from ensemble.stacking import StackingEnsemble
+from ensemble.temporal_model import (
+    MANIFEST_NAME,
+    MANIFEST_SECTION,
+    TEMPORAL_FILE,
+    VIDEO_STACK_COLUMNS,
+    VIDEO_STACKER_FILE,
+    TemporalHead,
+    frame_ensemble_signature,
+    padded,
+    run_expert,
+    video_stack_features,
+)
 from experts.base import Expert
 from experts.weights import (
     MANIFEST,
@@ -72,6 +94,7 @@ from experts.weights import (
 
 log = logging.getLogger("ensemble.temporal")
 MIN_SEQUENCES = 10   # per class; fewer still trains, with a warning
+MIN_STACK_SEQUENCES = 4  # held-out sequences per class the video stacker needs; fewer: no stacker
 
 
 # ============================================================================ sequences
@@ -83,6 +106,8 @@ class Clip:
     target: int
     embeddings: torch.Tensor         # (frames, D)
     frame_scores: np.ndarray         # the frame expert's P(fake) per frame, for the frame-only baseline
+    crops: list | None = None        # held-out clips: the face crops, until the frame ensemble scored them
+    ensemble_scores: np.ndarray | None = None  # held-out clips: the whole ensemble's P(fake) per frame
 
 
 def video_face_crops(path: Path, face: FaceConfig, n_frames: int) -> list[np.ndarray]:
@@ -110,7 +135,8 @@ def video_clips(root: Path, expert: Expert, face: FaceConfig, device, n_frames: 
             log.warning("skipped: %s", err)
             continue
         embeddings, scores = run_expert(expert, crops, device)
-        clips["held_out" if name in held_out else "train"].append(Clip(name, target, embeddings, scores))
+        side = "held_out" if name in held_out else "train"
+        clips[side].append(Clip(name, target, embeddings, scores, crops if side == "held_out" else None))
     return clips
 
 
@@ -165,8 +191,10 @@ def image_clips(root: Path, expert: Expert, face: FaceConfig, device, n_frames: 
     for split, side in (("trainset", "train"), ("valset", "held_out")):
         clips[side] = []
         for run in near_duplicate_runs(splits[split], methods, cfg.temporal.max_distance, n_frames):
-            embeddings, scores = run_expert(expert, [crops.load(s.path) for s in run], device)
-            clips[side].append(Clip(f"{split}/{run[0].name}+{len(run) - 1}", run[0].target, embeddings, scores))
+            run_crops = [crops.load(s.path) for s in run]
+            embeddings, scores = run_expert(expert, run_crops, device)
+            clips[side].append(Clip(f"{split}/{run[0].name}+{len(run) - 1}", run[0].target, embeddings, scores,
+                                    run_crops if side == "held_out" else None))
     return clips
 
 
@@ -210,6 +238,39 @@ def held_out_auc(clips: list[Clip], head: TemporalHead) -> dict[str, float] | No
         return None
     return {"temporal": round(roc_auc(y, predict_clips(head, clips)), 4),
             "frame_mean": round(roc_auc(y, [float(c.frame_scores.mean()) for c in clips]), 4)}
+
+
+def frame_ensemble(weights_dir: Path, face: FaceConfig, device) -> EnsembleDetector | None:
+    """The trained frame ensemble of `weights_dir` (the stacker's experts and TTA views, else
+    all experts averaged), or None, with a log line, when it crops faces unlike the frame
+    expert: the stacked score reads both off the same crops."""
+    detector = EnsembleDetector.from_weights(weights_dir, device=device)
+    if detector.face != face:
+        log.warning("no video stacker: the ensemble's experts crop faces unlike the frame expert")
+        return None
+    return detector
+
+
+def score_held_out_frames(clips: list[Clip], detector: EnsembleDetector) -> None:
+    """Each held-out clip's `ensemble_scores`, from its crops (then dropped)."""
+    for clip in clips:
+        clip.ensemble_scores, _ = detector.score_crops(detector.batch_of_crops(clip.crops))
+        clip.crops = None
+
+
+def fit_video_stacker(clips: list[Clip], head: TemporalHead, cfg: Config) -> StackingEnsemble | None:
+    """The video stacker (module doc) fitted on the held-out clips, or None, with a log line,
+    when they lack the frame ensemble's scores or hold fewer than MIN_STACK_SEQUENCES of a class."""
+    y = np.array([c.target for c in clips], dtype=int)
+    counts = np.bincount(y, minlength=2)
+    if not clips or any(c.ensemble_scores is None for c in clips) or counts.min() < MIN_STACK_SEQUENCES:
+        log.warning("no video stacker: it needs the frame ensemble's scores of at least %d held-out "
+                    "sequences per class (have %d real, %d fake)", MIN_STACK_SEQUENCES, *counts)
+        return None
+    X = video_stack_features([c.ensemble_scores for c in clips], predict_clips(head, clips))
+    stacker = StackingEnsemble(method=cfg.ensemble.method, cv=cfg.ensemble.cv, random_state=cfg.seed,
+                               feature_names=list(VIDEO_STACK_COLUMNS), monotone=[1] * len(VIDEO_STACK_COLUMNS))
+    return stacker.fit(X, y)
 
 
 def chosen_expert(weights_dir: Path, manifest: dict, name: str) -> str:
@@ -256,16 +317,30 @@ def train_temporal(root, weights_dir, cfg: Config, n_frames: int = 16) -> dict:
     if counts.min() < MIN_SEQUENCES:
         log.warning("only %d real and %d fake training sequences: expect a noisy head", *counts)
     head = train_head(clips["train"], cfg.temporal, cfg.seed)
+    detector = frame_ensemble(weights_dir, face_config_of(expert_entry), device)
+    if detector is not None:
+        score_held_out_frames(clips["held_out"], detector)
+    video_stacker = fit_video_stacker(clips["held_out"], head, cfg)
+
     state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     path = weights_dir / TEMPORAL_FILE
     data = safetensors_bytes(state, metadata={"temporal_head_over": name})  # one key: a fixed header
-    write_files_atomically({path: data})
+    files = {path: data}
     entry = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "expert": name,
              "expert_sha256": manifest["experts"][name]["sha256"], "embed_dim": int(head.embed_mean.numel()),
              "config": dataclasses.asdict(cfg.temporal), "frames": n_frames, "seed": cfg.seed,
              "trained_on": f"{root} ({'videos' if is_video_root else 'near-duplicate image runs'})",
              "sequences": {side: len(c) for side, c in clips.items()},
              "held_out_auc": held_out_auc(clips["held_out"], head)}
+    if video_stacker is not None:
+        stacker_data = json.dumps(video_stacker.to_state()).encode()
+        files[weights_dir / VIDEO_STACKER_FILE] = stacker_data
+        entry["stacker"] = {"file": VIDEO_STACKER_FILE, "sha256": hashlib.sha256(stacker_data).hexdigest(),
+                            "columns": list(VIDEO_STACK_COLUMNS), "method": video_stacker.method_,
+                            "cv_auc": {k: round(v, 4) for k, v in video_stacker.cv_auc_.items()},
+                            "fitted_on": f"{len(clips['held_out'])} held-out sequences",
+                            "frame_ensemble": frame_ensemble_signature(detector, manifest)}
+    write_files_atomically(files)
     update_manifest(weights_dir, MANIFEST_SECTION, MANIFEST_NAME, entry)
     return entry
 
@@ -286,6 +361,9 @@ def main(argv=None) -> int:
     print(f"temporal head over {entry['expert']!r} embeddings: {entry['sequences']['train']} training, "
           f"{entry['sequences']['held_out']} held-out sequences; held-out AUC "
           f"{entry['held_out_auc'] or 'not measured (one class)'} -> {Path(args.weights or cfg.out) / entry['file']}")
+    if "stacker" in entry:
+        print(f"video stacker ({entry['stacker']['method']}) over {entry['stacker']['columns']}: cross-validated "
+              f"AUC {entry['stacker']['cv_auc']} on {entry['stacker']['fitted_on']}")
     return 0
 
 

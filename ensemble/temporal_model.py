@@ -11,6 +11,7 @@ come from); this module only loads and scores, so that any stage may import it.
     model = load_temporal("weights")               # None when no head was trained there
     model = require_temporal("weights")            # the same, but no head is an error naming the fix
     p = temporal_score(model, face_crops)           # one video's face crops, in frame order
+    p = model.score_stacked(face_crops, ensemble_frame_scores)  # the video stacker: head + frame ensemble
 
 Crop the frames with `model.face` (the frame expert's settings) and, for a video, track the
 face through them (`data_prep.video.sample_face_crops`), as training did. `precision` (see
@@ -18,10 +19,14 @@ ensemble.predictor) applies to the frame expert's forward passes; the GRU runs i
 
 The head is `<weights>/temporal.safetensors`, listed in the manifest as `ensemble.temporal`
 with its sha256, its config, the frame expert and that expert's sha256: a retrained frame
-expert makes the head stale, and loading then refuses it with one line.
+expert makes the head stale, and loading then refuses it with one line. The video stacker
+(`temporal_stacker.json`, see ensemble/temporal.py) combines the head's score with the frame
+ensemble's mean score; an ensemble refitted or retrained since it was fitted makes it stale:
+the head still loads, `video_stacker` is None and `stacker_problem` says why.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +46,24 @@ from experts.weights import MANIFEST, WeightsError, face_config_of, load_expert,
 TEMPORAL_FILE = "temporal.safetensors"
 MANIFEST_SECTION, MANIFEST_NAME = "ensemble", "temporal"   # manifest["ensemble"]["temporal"]
 EMBED_BATCH = 64
+VIDEO_STACKER_FILE = "temporal_stacker.json"
+# The video stacker's columns: the frame ensemble's mean P(fake) over the frames, the head's P(fake).
+VIDEO_STACK_COLUMNS = ("frames_mean", "temporal")
+
+
+def video_stack_features(ensemble_frame_scores, temporal_scores) -> np.ndarray:
+    """(n videos, 2) video-stacker inputs (VIDEO_STACK_COLUMNS) from each video's per-frame
+    ensemble scores and the head's scores."""
+    frames_mean = [float(np.mean(scores)) for scores in ensemble_frame_scores]
+    return np.column_stack([frames_mean, np.asarray(temporal_scores, dtype=float)])
+
+
+def frame_ensemble_signature(detector, manifest: dict) -> dict:
+    """What makes the frame scores a video stacker was fitted on: the experts (by sha256),
+    the frame stacker (its sha256, None for the plain mean) and the TTA views."""
+    stacker = manifest.get("ensemble", {}).get("stacker") if detector.stacker is not None else None
+    return {"experts": {name: manifest["experts"][name]["sha256"] for name in detector.experts},
+            "stacker_sha256": stacker["sha256"] if stacker else None, "tta": list(detector.tta)}
 
 
 class TemporalHead(nn.Module):
@@ -97,6 +120,19 @@ class TemporalModel:
     face: FaceConfig                 # the frame expert's face-crop settings: crop the frames with these
     device: torch.device
     precision: str = "fp32"          # of the frame expert's forward passes: fp32 or bf16
+    video_stacker: object | None = None  # ensemble.stacking.StackingEnsemble over VIDEO_STACK_COLUMNS
+    frame_ensemble: dict | None = None   # frame_ensemble_signature of the ensemble it was fitted with
+    stacker_problem: str = ""        # why there is no usable video stacker, when there is none
+
+    def check_frame_ensemble(self, detector, manifest: dict) -> None:
+        """WeightsError (one line) unless the video stacker exists and `detector` gives the
+        frame scores it was fitted on (same experts, frame stacker and TTA views)."""
+        if self.video_stacker is None:
+            raise WeightsError(self.stacker_problem or "the temporal head has no video stacker")
+        if frame_ensemble_signature(detector, manifest) != self.frame_ensemble:
+            raise WeightsError("the video stacker was fitted on the frame scores of another ensemble (experts "
+                               "retrained, stacker refitted, or other --experts/--tta); retrain it with "
+                               "`python -m ensemble.temporal ROOT --weights WEIGHTS`")
 
     @torch.inference_mode()
     def score(self, crops: list[np.ndarray]) -> float:
@@ -105,6 +141,14 @@ class TemporalModel:
         embeddings, _ = run_expert(self.expert, list(crops), self.device, self.precision, with_scores=False)
         batch, lengths = padded([embeddings.to(self.device)])
         return float(torch.sigmoid(self.head(batch, lengths))[0])
+
+    def score_stacked(self, crops: list[np.ndarray], ensemble_frame_scores) -> float:
+        """P(fake) of one video by the video stacker: the head's score of `crops` with the
+        frame ensemble's scores of the same crops (check_frame_ensemble says which ensemble)."""
+        if self.video_stacker is None:
+            raise WeightsError(self.stacker_problem or "the temporal head has no video stacker")
+        features = video_stack_features([ensemble_frame_scores], [self.score(crops)])
+        return float(self.video_stacker.predict_proba(features)[0, 1])
 
 
 def temporal_score(temporal_or_weights, crops: list[np.ndarray]) -> float:
@@ -152,5 +196,15 @@ def load_temporal(weights_dir, device="cpu", precision: str = DEFAULT_PRECISION)
         head.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     except Exception as err:  # wrong keys or shapes, unreadable file
         raise WeightsError(f"{path}: cannot load the temporal head: {str(err).splitlines()[0]}") from None
-    return TemporalModel(head.to(dev).eval(), expert, name, face_config_of(expert_entry), dev,
-                         resolve_precision(precision, dev))
+    model = TemporalModel(head.to(dev).eval(), expert, name, face_config_of(expert_entry), dev,
+                          resolve_precision(precision, dev))
+    stacker_entry = entry.get("stacker")
+    if stacker_entry is None:
+        model.stacker_problem = (f"{path}: trained without a video stacker (too few held-out sequences, or "
+                                 f"no frame ensemble to score them); see `python -m ensemble.temporal --help`")
+        return model
+    from ensemble.stacking import StackingEnsemble
+    stacker_path = verified_file(weights_dir, stacker_entry, "video stacker")
+    model.video_stacker = StackingEnsemble.from_state(json.loads(stacker_path.read_text()))
+    model.frame_ensemble = stacker_entry["frame_ensemble"]
+    return model

@@ -9,8 +9,9 @@ and the baselines. Reported:
 * video level: for every frame rule of `data_prep.video.aggregate_frame_scores` (mean,
   median, confidence, max, top-k), every model's frame scores combined per video;
 * one more video-level table per entry of `extra_video_scores`: a scorer that sees the
-  whole tracked sequence of a video rather than its frames one by one (ensemble.evaluate
-  puts the weights folder's temporal head here as `{"temporal": its scorer}`);
+  whole tracked sequence of a video rather than its frames one by one, and the ensemble's
+  scores of its frames (ensemble.evaluate puts the weights folder's temporal head here as
+  "temporal", and its video stacker as "temporal_stack");
 * a row per video: label, frames sampled, frames where the tracked face was detected, and
   the ensemble's score under every rule.
 
@@ -44,8 +45,8 @@ log = logging.getLogger("ensemble.evaluate")
 
 VIDEO_RULES = AGGREGATION_RULES
 EXTRA_SCORE_THRESHOLD = 0.5
-# One video's tracked face crops (in frame order) -> P(fake) of the video.
-VideoScorer = Callable[[TrackedCrops], float]
+# One video's tracked face crops (in frame order) and the ensemble's P(fake) of each -> P(fake) of the video.
+VideoScorer = Callable[[TrackedCrops, np.ndarray], float]
 
 
 class VideoEvaluationError(UserError):
@@ -79,7 +80,8 @@ def evaluate_videos(detector, video_dir, score_frames, thresholds: dict[str, flo
             continue
         features = detector.expert_features(detector.batch_of_crops(tracked.crops))
         frame_scores = {model: np.clip(p, 0.0, 1.0) for model, p in score_frames(features).items()}
-        extra = {scorer_name: float(score(tracked)) for scorer_name, score in extra_video_scores.items()}
+        extra = {scorer_name: float(score(tracked, frame_scores[summary_model]))
+                 for scorer_name, score in extra_video_scores.items()}
         per_video.append({"video": name, "target": target, "n_frames": len(tracked.crops),
                           "n_face_frames": tracked.n_detected,
                           **{f"p_{rule}": aggregate_frame_scores(frame_scores[summary_model], rule)

@@ -195,7 +195,10 @@ def test_video_metrics(trained, tmp_path):
     (videos / "labels.csv").write_text("video_name,target\nclip0.mp4,0\nclip1.mp4,1\n")
     cfg = load_config("cpu", args[1:] + [f"data_root={root}"])
 
-    def brightness(tracked):  # stands in for a sequence model: one score from a video's crops
+    seen_frame_scores = []
+
+    def brightness(tracked, frame_scores):  # stands in for a sequence model: one score from a video's crops
+        seen_frame_scores.append(frame_scores)
         return float(np.mean([crop.mean() for crop in tracked.crops]) / 255)
 
     result = ev.evaluate(cfg, "testset", weights=weights, reports=tmp_path / "rep", videos=videos,
@@ -215,6 +218,9 @@ def test_video_metrics(trained, tmp_path):
         assert 0 <= row["n_face_frames"] <= row["n_frames"] == 4
         assert {f"p_{rule}" for rule in rules + ["brightness"]} <= set(row)
         assert row["p_mean"] <= row["p_top-k"] <= row["p_max"]
+    # the scorer is also given the ensemble's score of every frame: their mean is the rule `mean`
+    assert [len(f) for f in seen_frame_scores] == [4, 4]
+    assert [float(np.mean(f)) for f in seen_frame_scores] == pytest.approx([r["p_mean"] for r in video["videos"]])
     saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert saved["video"]["video_level"]["top-k"]["ensemble"]["n"] == 2
     text = (tmp_path / "rep" / "metrics.md").read_text()

@@ -25,7 +25,8 @@ from configs import ExpertConfig, FaceConfig, load_config
 from data_prep.dataset import Sample
 from data_prep.video import sample_face_crops
 from ensemble import evaluate, temporal
-from ensemble.temporal_model import TEMPORAL_FILE, load_temporal, run_expert, temporal_score
+from ensemble.predictor import EnsembleDetector
+from ensemble.temporal_model import TEMPORAL_FILE, VIDEO_STACKER_FILE, load_temporal, run_expert, temporal_score
 from experts.base import create_expert
 from experts.weights import MANIFEST, WeightsError, save_expert
 
@@ -166,12 +167,13 @@ def test_training_is_deterministic(trained, tmp_path):
 def copy_of_weights(trained, dest, head: bool = True):
     """A copy of the trained weights folder, with or without the temporal head."""
     dest.mkdir()
-    for name in ("mesonet.safetensors", MANIFEST, TEMPORAL_FILE):
+    for name in ("mesonet.safetensors", MANIFEST, TEMPORAL_FILE, VIDEO_STACKER_FILE):
         (dest / name).write_bytes((trained["weights"] / name).read_bytes())
     if not head:
         manifest = json.loads((dest / MANIFEST).read_text())
         del manifest["ensemble"]
         (dest / TEMPORAL_FILE).unlink()
+        (dest / VIDEO_STACKER_FILE).unlink()
         (dest / MANIFEST).write_text(json.dumps(manifest))
     return dest
 
@@ -192,6 +194,54 @@ def test_no_head_is_none_and_a_retrained_expert_makes_it_stale(trained, tmp_path
     retrain_frame_expert(weights)
     with pytest.raises(WeightsError, match="retrained"):
         load_temporal(weights)
+
+
+def stacked_score(weights, folder, name: str, precision: str = "fp32") -> float:
+    """One video's score by the video stacker, from the ensemble's frame scores, by hand."""
+    crops = video_crops(folder, name)
+    detector = EnsembleDetector.from_weights(weights, device="cpu", precision=precision)
+    frame_scores, _ = detector.score_crops(detector.batch_of_crops(crops))
+    model = load_temporal(weights, precision=precision)
+    return model.score_stacked(crops, frame_scores)
+
+
+def test_video_stacker_joins_the_head_and_the_frame_ensemble(trained):
+    """Fitted on the held-out sequences of the training videos (6 per class), saved with the
+    frame ensemble it was fitted on; on 80 new videos it keeps the head's separation,
+    where the frame ensemble's mean is near chance, and it is monotone in both scores."""
+    weights = trained["weights"]
+    manifest = json.loads((weights / MANIFEST).read_text())
+    entry = manifest["ensemble"]["temporal"]["stacker"]
+    assert entry["file"] == VIDEO_STACKER_FILE and entry["columns"] == ["frames_mean", "temporal"]
+    assert entry["fitted_on"] == f"{entry_held_out(manifest)} held-out sequences"
+    assert entry["frame_ensemble"] == {"experts": {"mesonet": manifest["experts"]["mesonet"]["sha256"]},
+                                       "stacker_sha256": None, "tta": []}  # no frame stacker: the plain mean
+    assert entry["method"] in entry["cv_auc"]
+
+    held_out = trained["tmp"] / "held_out"
+    y = [target for _, target in trained["held_out_rows"]]
+    stacked = [stacked_score(weights, held_out, name) for name, _ in trained["held_out_rows"]]
+    assert roc_auc(y, stacked) >= 0.9
+    model = load_temporal(weights)
+    grid = np.array([[f, t] for f in (0.2, 0.5, 0.8) for t in (0.1, 0.5, 0.9)])
+    p = model.video_stacker.predict_proba(grid)[:, 1].reshape(3, 3)
+    assert (np.diff(p, axis=0) >= -1e-12).all() and (np.diff(p, axis=1) >= -1e-12).all()
+
+
+def entry_held_out(manifest) -> int:
+    return manifest["ensemble"]["temporal"]["sequences"]["held_out"]
+
+
+def test_too_few_held_out_sequences_give_no_video_stacker(trained, tmp_path, caplog):
+    (tmp_path / "weights").mkdir()
+    for name in ("mesonet.safetensors", MANIFEST):
+        (tmp_path / "weights" / name).write_bytes((trained["weights"] / name).read_bytes())
+    assert temporal.main([str(trained["tmp"] / "train"), "--weights", str(tmp_path / "weights"),
+                          "threads=1", "device=cpu", "temporal.val_fraction=0.1"]) == 0  # 2 per class
+    assert "stacker" not in json.loads((tmp_path / "weights" / MANIFEST).read_text())["ensemble"]["temporal"]
+    assert any("no video stacker" in r.getMessage() for r in caplog.records)
+    model = load_temporal(tmp_path / "weights")
+    assert model.video_stacker is None and "without a video stacker" in model.stacker_problem
 
 
 def test_command_line_error_is_one_line(trained, tmp_path, capsys):
@@ -223,14 +273,18 @@ def test_evaluate_videos_reports_the_temporal_head_where_frame_rules_see_nothing
     held_out = trained["tmp"] / "held_out"
     assert evaluate.main(evaluate_args(trained, tmp_path, held_out, trained["weights"])) == 0
     video = json.loads((tmp_path / "reports" / "metrics.json").read_text())["video"]
-    assert list(video["video_level"]) == ["mean", "median", "confidence", "max", "top-k", "temporal"]
+    assert list(video["video_level"]) == ["mean", "median", "confidence", "max", "top-k", "temporal",
+                                          "temporal_stack"]
     row = video["video_level"]["temporal"]["temporal"]
     assert row["n"] == 2 * N_HELD_OUT and row["threshold"] == 0.5 and row["auc"] >= 0.9
+    assert video["video_level"]["temporal_stack"]["temporal_stack"]["auc"] >= 0.9
     assert abs(video["video_level"]["mean"]["ensemble"]["auc"] - 0.5) <= 0.2
     first = video["videos"][0]
     expected = temporal_score(load_temporal(trained["weights"]), video_crops(held_out, first["video"]))
     assert first["p_temporal"] == pytest.approx(expected, abs=1e-6)
-    assert "| top-k | temporal |" in capsys.readouterr().out  # the per-video table
+    assert first["p_temporal_stack"] == pytest.approx(  # evaluate's precision: the default, auto
+        stacked_score(trained["weights"], held_out, first["video"], precision="auto"), abs=1e-6)
+    assert "| top-k | temporal | temporal_stack |" in capsys.readouterr().out  # the per-video table
 
 
 def test_evaluate_skips_a_stale_head_with_one_warning(trained, tmp_path, caplog):
@@ -241,6 +295,7 @@ def test_evaluate_skips_a_stale_head_with_one_warning(trained, tmp_path, caplog)
     assert evaluate.main(evaluate_args(trained, tmp_path, videos, weights)) == 0
     video = json.loads((tmp_path / "reports" / "metrics.json").read_text())["video"]
     assert "temporal" not in video["video_level"] and "p_temporal" not in video["videos"][0]
+    assert "temporal_stack" not in video["video_level"]
     (warning,) = [r.getMessage() for r in caplog.records if "temporal" in r.getMessage()]
     assert "skipped" in warning and "retrained" in warning and "\n" not in warning
 
@@ -260,7 +315,17 @@ def test_infer_video_rule_temporal(trained, tmp_path, capsys):
                        "--precision", "bf16"]) == 0
     assert float(out.read_text().splitlines()[1].split(",")[1]) == pytest.approx(expected, abs=0.05)
 
-    capsys.readouterr()
+    assert infer.main([str(held_out / name), "--weights", weights, "--video-rule", "temporal_stack",
+                       "--csv", str(out), "--precision", "fp32"]) == 0
+    assert float(out.read_text().splitlines()[1].split(",")[1]) == pytest.approx(
+        stacked_score(weights, held_out, name), abs=1e-6)
+
+    capsys.readouterr()  # other frame scores than the video stacker was fitted on: refused in one line
+    assert infer.main([str(held_out / name), "--weights", weights, "--video-rule", "temporal_stack",
+                       "--tta", "hflip"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another ensemble" in err and "python -m ensemble.temporal" in err
+
     no_head = copy_of_weights(trained, tmp_path / "no_head", head=False)
     assert infer.main([str(held_out / name), "--weights", str(no_head), "--video-rule", "temporal"]) == 2
     err = capsys.readouterr().err
