@@ -133,6 +133,7 @@ class ExpertConfig:
     image_size: int = 0            # 0 = data.image_size
     patch_size: int = 0            # >0: train on random patches of this side (native resolution); whole input at test
     epochs: int = 0                # 0 = train.epochs
+    online_fake_ops: list[str] = field(default_factory=list)  # its training fakes' editing ops; empty = data's
     lr: float = 0.0                # 0 = train.lr
     input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)
     trainable: str = "all"         # all | layernorm_head (CLIP: LayerNorm affine + head only)

@@ -72,7 +72,8 @@ class FaceCropDataset(Dataset):
     (label 1) on the fly; `online_fakes=0.0` for an expert that must never see a fake."""
 
     def __init__(self, samples, crops: FaceCropCache, size: int, cfg: Config, train: bool,
-                 paired_fakes: bool = False, patch_size: int = 0, online_fakes: float | None = None):
+                 paired_fakes: bool = False, patch_size: int = 0, online_fakes: float | None = None,
+                 fake_ops: list[str] | None = None):
         self.samples, self.crops, self.size, self.train = samples, crops, size, train
         # paired_fakes (evaluation of a reals-only split): after the n samples come n editing
         # fakes, one made from each real with a fixed seed, so every epoch sees the same ones.
@@ -80,7 +81,12 @@ class FaceCropDataset(Dataset):
         self.seed, self.epoch = cfg.seed, 0
         self.augment = train_augmentations(cfg.augment, size) if train else None
         self.online_fakes = (cfg.data.online_fakes if online_fakes is None else online_fakes) if train else 0.0
-        self.fake_ops = cfg.data.online_fake_ops or None
+        # The editing ops of the fakes: `fake_ops` (an expert's own), else data.online_fake_ops,
+        # else every default op; a wrong name fails here, not in the first batch.
+        self.fake_ops = fake_ops or cfg.data.online_fake_ops or None
+        if self.fake_ops:
+            from data_prep.manipulations import check_names
+            check_names(self.fake_ops)
         self.fake_masks = cfg.data.fake_masks
         self.real_indices = [i for i, s in enumerate(samples) if s.target == 0]
         self.margin = cfg.face.margin

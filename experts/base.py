@@ -39,7 +39,7 @@ from experts.losses import classification_losses
 EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
 EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
 # Read by the trainer for every kind, so never an error.
-TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "lr"})
+TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "lr", "online_fake_ops"})
 
 
 def register_expert(kind: str, aliases: tuple[str, ...] = ()):

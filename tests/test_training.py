@@ -131,6 +131,35 @@ def test_reals_only_valset_is_paired_with_fixed_editing_fakes(demo_root):
     assert torch.equal(ds[4][0], ds[4][0]) and not torch.equal(ds[1][0], ds[4][0])
 
 
+def test_an_expert_makes_its_own_editing_fakes(demo_root, tmp_path, crop_cache, monkeypatch):
+    """expert.<name>.online_fake_ops replaces data.online_fake_ops for that expert's training
+    (and its reals-only validation fakes), and the other experts keep the data's ops."""
+    import data_prep.manipulations as manipulations
+    from common.errors import UnknownNameError
+    from configs import load_config
+    from data_prep.dataset import load_splits
+    from data_prep.faces import FaceCropCache
+
+    asked = []
+    original = manipulations.fake_from_face_crop
+
+    def recording(crop, rng, donor, margin, names=None, landmarks=None):
+        asked.append(names)
+        return original(crop, rng, donor, margin, names, landmarks)
+
+    monkeypatch.setattr(manipulations, "fake_from_face_crop", recording)
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="forensic,mesonet", cache_dir=crop_cache) + [
+        "data.online_fakes=1.0", "data.online_fake_ops=[color_mismatch]", "expert.forensic.online_fake_ops=[splice]",
+        "expert.forensic.epochs=1", "expert.mesonet.epochs=1", "data.fake_masks=ellipse"]
+    assert experts_train.main([str(demo_root), *overrides]) == 0
+    assert ["splice"] in asked and ["color_mismatch"] in asked and all(a in (["splice"], ["color_mismatch"])
+                                                                      for a in asked)
+    cfg = load_config("cpu", ["face.crop_size=48", "data.cache_dir=", "expert.forensic.online_fake_ops=[splce]"])
+    with pytest.raises(UnknownNameError, match="splce"):
+        FaceCropDataset(load_splits(demo_root)["trainset"], FaceCropCache(cfg.face, None), 48, cfg, train=True,
+                        fake_ops=cfg.expert["forensic"].online_fake_ops)
+
+
 def test_training_on_a_cluster_fold(demo_root, tmp_path, crop_cache):
     from data_prep.dataset import load_splits
     from data_prep.folds import fold_samples, random_folds, write_folds
