@@ -28,8 +28,10 @@ def test_cpu_profile_values_and_defaults():
     assert cfg.data.fake_masks == "landmarks"
     assert cfg.expert["forensic"].image_size == 256 and cfg.expert["mesonet"].image_size == 256
     assert cfg.expert["clip"].trainable == "all"
-    assert cfg.expert["resnet"].input_filter == "srm" and cfg.expert["resnet"].epochs == 20
+    assert cfg.expert["resnet"].input_filter == "srm" and cfg.expert["resnet"].epochs == 26
     assert cfg.data.online_fakes == pytest.approx(0.2)
+    assert cfg.expert["forensic"].online_fake_ops == ["splice"] and cfg.data.online_fake_ops == []
+    assert cfg.ensemble.method == "logreg"
     # Not in the YAML: the dataclass defaults
     assert cfg.train.weight_decay == pytest.approx(0.05)
     assert cfg.loss.kl == 0 and cfg.loss.nce == 0
