@@ -21,8 +21,9 @@ The head is `<weights>/temporal.safetensors`, listed in the manifest as `ensembl
 with its sha256, its config, the frame expert and that expert's sha256: a retrained frame
 expert makes the head stale, and loading then refuses it with one line. The video stacker
 (`temporal_stacker.json`, see ensemble/temporal.py) combines the head's score with the frame
-ensemble's mean score; an ensemble refitted or retrained since it was fitted makes it stale:
-the head still loads, `video_stacker` is None and `stacker_problem` says why.
+ensemble's mean score. An ensemble refitted or retrained since it was fitted makes it stale:
+the head still loads, and `check_frame_ensemble` refuses the stacker in one line; a head
+trained without one has `video_stacker` None and `stacker_problem` says why.
 """
 from __future__ import annotations
 
