@@ -213,14 +213,10 @@ def main(argv=None) -> int:
         args.workers = default_decode_workers(detector.device)
     temporal = None
     if args.video_rule in TEMPORAL_RULES:  # loaded once, before any input, so no head fails at once
-        from common.errors import UsageError
         from ensemble.temporal_model import require_temporal
         from experts.weights import read_manifest
         temporal = require_temporal(args.weights, detector.device, args.precision)
         if args.video_rule == TEMPORAL_STACK_RULE:
-            if temporal.face != detector.face:
-                raise UsageError(f"--video-rule {TEMPORAL_STACK_RULE}: the temporal head's frame expert crops "
-                                 f"faces unlike the ensemble's experts")
             temporal.check_frame_ensemble(detector, read_manifest(args.weights))
 
     files, problems, names = expand_inputs(args.inputs, args.recursive)

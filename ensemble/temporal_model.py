@@ -127,9 +127,12 @@ class TemporalModel:
 
     def check_frame_ensemble(self, detector, manifest: dict) -> None:
         """WeightsError (one line) unless the video stacker exists and `detector` gives the
-        frame scores it was fitted on (same experts, frame stacker and TTA views)."""
+        frame scores it was fitted on (same experts, frame stacker and TTA views), from crops
+        made as the head's (the stacked score reads both off the same crops)."""
         if self.video_stacker is None:
             raise WeightsError(self.stacker_problem or "the temporal head has no video stacker")
+        if detector.face != self.face:
+            raise WeightsError("the temporal head's frame expert crops faces unlike the ensemble's experts")
         if frame_ensemble_signature(detector, manifest) != self.frame_ensemble:
             raise WeightsError("the video stacker was fitted on the frame scores of another ensemble (experts "
                                "retrained, stacker refitted, or other --experts/--tta); retrain it with "

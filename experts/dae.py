@@ -88,11 +88,14 @@ class DenoisingAutoencoderExpert(Expert):
         return self.score_terms(x) / self.term_scale
 
     def anomaly_score(self, x) -> torch.Tensor:
-        return (self.error_ratios(x) * self.score_weights).sum(1)
+        return self.weighted_score(self.error_ratios(x))
+
+    def weighted_score(self, ratios: torch.Tensor) -> torch.Tensor:
+        return (ratios * self.score_weights).sum(1)
 
     def logits(self, ratios: torch.Tensor) -> torch.Tensor:
         a, b = self.calibration
-        logit = a * (ratios * self.score_weights).sum(1) + b
+        logit = a * self.weighted_score(ratios) + b
         return torch.stack([torch.zeros_like(logit), logit], dim=1)  # softmax[:, 1] = sigmoid(logit)
 
     def forward(self, x):
