@@ -31,7 +31,6 @@ from configs import ConfigError, FaceConfig
 from data_prep.images import decode_image
 
 _DETECTOR = None  # one cascade per process; skimage's Cascade is not picklable across workers
-_DLIB_DETECTOR = None  # dlib's HOG detector for `detect_faces`, built on first use
 # Faces are detected on a copy whose longer side is at most this: the cascade's cost grows
 # with the pixels, and a face that fills min_face of the short side is still >= 36 px there.
 DETECT_SIDE = 320
@@ -76,18 +75,17 @@ def _dlib_faces(rgb: np.ndarray, min_face: float, max_side: int) -> list[tuple[i
     largest one (a copy of at most `max_side` pixels, one upsampling pass when a small copy
     shows none), largest first, as (x, y, w, h) in `rgb`'s pixels, smaller than
     `min_face` of the short side dropped as `detect_face` does."""
-    global _DLIB_DETECTOR
-    if _DLIB_DETECTOR is None:
-        import dlib  # the `dlib-bin` wheel; its HOG detector is built in (no model file)
-        _DLIB_DETECTOR = dlib.get_frontal_face_detector()
+    from data_prep.landmarks import hog_detector
+
+    detector = hog_detector()
     h, w = rgb.shape[:2]
     scale = min(1.0, max_side / max(h, w))
     small = rgb if scale == 1.0 else cv2.resize(rgb, (round(w * scale), round(h * scale)),
                                                 interpolation=cv2.INTER_AREA)
     small = np.ascontiguousarray(small)
-    found = _DLIB_DETECTOR(small, 0)
+    found = detector(small, 0)
     if len(found) == 0 and max(small.shape[:2]) < 400:
-        found = _DLIB_DETECTOR(small, 1)
+        found = detector(small, 1)
     found = sorted(found, key=lambda r: r.width() * r.height(), reverse=True)
     boxes = []
     for r in found:  # corners mapped back as landmarks does; dlib's width counts both edges (+1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import cv2
 import numpy as np
 import pytest
 import skimage.data
@@ -32,6 +33,35 @@ def test_detects_68_points_on_the_face(points):
 
 def test_no_face_gives_none():
     assert lm.detect_landmarks(np.full((120, 120, 3), 128, np.uint8)) is None
+
+
+def _spy_on_copies(monkeypatch):
+    """The scales `_largest_face` runs the detector at, in call order."""
+    scales, search = [], lm._largest_on_copy
+    monkeypatch.setattr(lm, "_largest_on_copy",
+                        lambda rgb, scale, upsample: scales.append(scale) or search(rgb, scale, upsample))
+    return scales
+
+
+def test_coarse_first_gives_a_close_up_the_full_search_crop(monkeypatch):
+    close_up = cv2.resize(FACE[72:192, 166:286], (299, 299), interpolation=cv2.INTER_CUBIC)  # face ~ 215 px
+    full = lm._largest_face(close_up, 320)
+    scales = _spy_on_copies(monkeypatch)
+    coarse = lm._largest_face(close_up, 320, coarse_first=True)
+    assert scales == [pytest.approx(lm.PYRAMID_STEP ** lm.COARSE_LEVELS)]  # the coarse copy sufficed
+    # the coarse copy's pyramid has the full search's coarse scales: the same box, give or take
+    # one 8 px HOG cell of the copy where resampling tips a borderline cell (here: 3 px)
+    corners = np.array([[b.left(), b.top(), b.right(), b.bottom()] for b in (full, coarse)])
+    assert np.abs(corners[0] - corners[1]).max() <= 8 / lm.PYRAMID_STEP ** lm.COARSE_LEVELS
+
+
+def test_coarse_first_leaves_small_faces_to_the_full_search(monkeypatch):
+    scales = _spy_on_copies(monkeypatch)
+    box = lm._largest_face(FACE, 320, coarse_first=True)  # a 512 px photograph, face ~ 90 px
+    assert scales == [pytest.approx(320 / 512 * lm.PYRAMID_STEP ** lm.COARSE_LEVELS), 320 / 512]
+    exact = lm._largest_face(FACE, 320)
+    assert [box.left(), box.top(), box.right(), box.bottom()] == \
+        [exact.left(), exact.top(), exact.right(), exact.bottom()]
 
 
 def test_landmark_mask_follows_the_face(points):
@@ -72,3 +102,17 @@ def test_missing_model_package_is_one_clear_error(monkeypatch):
                         lambda name, *a: None if name == "face_recognition_models" else real_find_spec(name, *a))
     with pytest.raises(lm.LandmarksUnavailable, match="pip install face-recognition-models"):
         lm._predictor_file()
+
+
+def test_face_crops_need_no_landmark_model(monkeypatch):
+    # inference crops faces with dlib's built-in HOG detector: a machine without the 100 MB
+    # face-recognition-models wheel (it is only for the training fakes' landmarks) still scores
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "face_recognition_models" else real_find_spec(name, *a))
+    monkeypatch.setattr(lm, "_DETECTOR", None)
+    monkeypatch.setattr(lm, "_PREDICTOR", None)
+    x, y, w, h = lm.detect_face_box(FACE)
+    assert 150 < x < x + w < 300 and 60 < y < y + h < 210
+    with pytest.raises(lm.LandmarksUnavailable):
+        lm.detect_landmarks(FACE)

@@ -83,3 +83,24 @@ def test_precision_auto_follows_native_bf16_and_unknown_is_refused(monkeypatch):
 def test_default_decode_workers_follow_the_device_and_the_cores(monkeypatch, device, cores, expected):
     monkeypatch.setattr(predictor.os, "cpu_count", lambda: cores)
     assert predictor.default_decode_workers(torch.device(device)) == expected
+
+
+def test_decode_workers_run_opencv_on_one_thread(monkeypatch, tmp_path):
+    """OpenCV starts a thread per core in each process: N decode workers beside the forward
+    passes would oversubscribe the cores. Each worker reports its OpenCV thread count through
+    the failure message of its only image."""
+    import cv2
+
+    from data_prep.images import ImageDecodeError
+
+    def report(rgb, face):
+        raise ImageDecodeError("img", f"opencv threads {cv2.getNumThreads()}")
+
+    monkeypatch.setattr(predictor, "crop_face", report)
+    monkeypatch.setattr(predictor, "decode_image", lambda path: None)
+    experts = {"a": create_expert(ExpertConfig(kind="resnet", model="test_resnet"), 32).eval()}
+    detector = EnsembleDetector(experts, FaceConfig(), torch.device("cpu"))
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    failed = [f for *_, batch_failed in predictor.score_files(detector, paths, batch_size=1, workers=2)
+              for f in batch_failed]
+    assert [message for _, message in failed] == ["img: opencv threads 1"] * 3
