@@ -488,13 +488,11 @@ def markdown_report(r: dict) -> str:
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv):
-    # infer.py's default on the CPU (ensemble.predictor.default_decode_workers), spelled out:
-    # importing it would import torch before the start-up measurement does
-    default_workers = min(4, os.cpu_count() or 1) - 1
     parser = CommandLine("python -m bench.speed", __doc__, positional="IMAGE_DIR")
     parser.add_argument("--weights", type=Path, default=REPO / "weights")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=default_workers, help="as infer.py --workers")
+    parser.add_argument("--workers", type=int,
+                        help="as infer.py --workers (default: infer.py's for the device, once the weights are loaded)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
@@ -513,7 +511,7 @@ def parse_args(argv):
     args.image_dir = Path(args.positional)
     if args.config_argv and not args.train:
         parser.error(f"the profile and key=value overrides {args.config_argv} only apply with --train")
-    if args.batch_size < 1 or args.repeats < 1 or args.workers < 0 or args.limit < 0 or args.threads < 0 \
+    if args.batch_size < 1 or args.repeats < 1 or (args.workers or 0) < 0 or args.limit < 0 or args.threads < 0 \
             or args.train_epochs < 1:
         parser.error("--batch-size, --repeats and --train-epochs must be >= 1; --workers, --limit, --threads >= 0")
     return args
@@ -604,6 +602,9 @@ def measure(args, tmp: Path) -> tuple[dict, int]:
         print(f"error: {err}", file=sys.stderr)
         return {}, EXIT_USAGE
     load_s = time.perf_counter() - start
+    if args.workers is None:  # infer.py's default, which depends on the device
+        from ensemble.predictor import default_decode_workers
+        args.workers = default_decode_workers(detector.device)
     if detector.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(detector.device)
 

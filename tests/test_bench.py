@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import quality, speed
 
@@ -74,11 +75,14 @@ def test_speed_fails_when_contended(tiny, tmp_path, monkeypatch):
     root, weights, _ = tiny
     monkeypatch.setattr(speed, "sample_others", lambda seconds=1.0: 1.5)  # a busy neighbour
     out = tmp_path / "speed.json"
-    args = [str(root / "testset"), "--weights", str(weights), "--batch-size", "8", "--workers", "0",
+    args = [str(root / "testset"), "--weights", str(weights), "--batch-size", "8",
             "--repeats", "1", "--limit", "4", "--no-cold", "--device", "cpu", "--out", str(out)]
     assert speed.main(args) == speed.EXIT_CONTENDED
     result = json.loads(out.read_text())
     assert result["contended"] is True and result["contention"]["reasons"]
+    # no --workers: infer.py's default for the device the weights were loaded on
+    from ensemble.predictor import default_decode_workers
+    assert result["workers"] == default_decode_workers(torch.device("cpu"))
 
 
 def test_speed_usage_errors(tmp_path):
