@@ -74,6 +74,9 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int,
                         help="decode/crop worker processes (0 = in the main process; default: all cores "
                              "but one, up to 8, on a GPU; up to 3 on the CPU)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's CPU threads (default 0: one per core, less one per decode worker "
+                             "on 4 or more cores)")
     parser.add_argument("--frames", type=int, default=16, help="frames sampled per video")
     parser.add_argument("--video-rule", default="confidence", choices=[*AGGREGATION_RULES, *TEMPORAL_RULES],
                         help="how frame scores make a video's score (top-k: mean of the top quarter); "
@@ -97,8 +100,8 @@ def parse_args(argv):
         parser.error("--backend onnx runs its fp32 export; --precision bf16 needs --backend torch")
     if args.backend == "onnx" and args.video_rule in TEMPORAL_RULES:
         parser.error(f"--video-rule {args.video_rule} runs the temporal head in torch; it needs --backend torch")
-    if args.frames < 1 or args.max_side < 0 or args.detect_side < 32:
-        parser.error("--frames must be >= 1, --max-side >= 0 and --detect-side >= 32")
+    if args.frames < 1 or args.max_side < 0 or args.detect_side < 32 or args.threads < 0:
+        parser.error("--frames must be >= 1, --max-side >= 0, --detect-side >= 32 and --threads >= 0")
     return args
 
 
@@ -211,6 +214,13 @@ def main(argv=None) -> int:
     if args.workers is None:
         from ensemble.predictor import default_decode_workers
         args.workers = default_decode_workers(detector.device)
+    threads = args.threads
+    if not threads:
+        from ensemble.predictor import default_torch_threads
+        threads = default_torch_threads(detector.device, args.workers)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
     temporal = None
     if args.video_rule in TEMPORAL_RULES:  # loaded once, before any input, so no head fails at once
         from ensemble.temporal_model import require_temporal

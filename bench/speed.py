@@ -332,6 +332,8 @@ def time_experts(detector, pool, sizes) -> dict:
 
 def run_infer(infer_module, image_dir: Path, csv_path: Path, args, weights: Path) -> dict:
     """One in-process `python infer.py DIR --csv ...`: total and scoring seconds, rows, rc."""
+    import torch
+
     spans = {}
     original = infer_module.score_images
 
@@ -347,7 +349,8 @@ def run_infer(infer_module, image_dir: Path, csv_path: Path, args, weights: Path
         start = time.perf_counter()
         rc = infer_module.main([str(image_dir), "--csv", str(csv_path), "--weights", str(weights),
                                 "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-                                "--device", args.device] + precision_flag(args))
+                                "--threads", str(torch.get_num_threads()), "--device", args.device]
+                               + precision_flag(args))
         total = time.perf_counter() - start
     finally:
         infer_module.score_images = original
@@ -493,7 +496,8 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int,
                         help="as infer.py --workers (default: infer.py's for the device, once the weights are loaded)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads, of the pipeline and the bare passes alike (0 = infer.py's default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -605,6 +609,9 @@ def measure(args, tmp: Path) -> tuple[dict, int]:
     if args.workers is None:  # infer.py's default, which depends on the device
         from ensemble.predictor import default_decode_workers
         args.workers = default_decode_workers(detector.device)
+    if not args.threads:  # infer.py's default too; the bare passes run on the same threads
+        from ensemble.predictor import default_torch_threads
+        torch.set_num_threads(default_torch_threads(detector.device, args.workers) or torch.get_num_threads())
     if detector.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(detector.device)
 

@@ -251,6 +251,19 @@ def default_decode_workers(device: torch.device) -> int:
     return max(0, min(8, cores - 1)) if device.type == "cuda" else min(4, cores) - 1
 
 
+def default_torch_threads(device: torch.device, workers: int) -> int | None:
+    """torch's CPU threads for the forward passes beside `workers` decode workers, or None
+    to keep torch's default (one per core). With 4 or more cores the workers get cores of
+    their own: on 16 cores, 16 threads beside 3 workers ran 86 img/s end to end and 12
+    beside 4 ran 131-156 (BENCHMARKS.md). On 2 or 3 cores a core less for the forward
+    passes costs more than the worker's share of one (the face stage is about a quarter of
+    the work), so both threads stay."""
+    cores = os.cpu_count() or 1
+    if device.type != "cpu" or workers < 1 or cores < 4:
+        return None
+    return max(1, cores - workers)
+
+
 def score_files(detector: EnsembleDetector, paths: list[Path], batch_size=32, workers=0, progress=False):
     """Yield (indices, p_fake, features, failed [(index, message)]) batch by batch, with
     decoding and face cropping in `workers` processes overlapping the forward passes."""

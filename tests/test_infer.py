@@ -181,3 +181,24 @@ def test_infer_precision_bf16_and_onnx_refuses_it(trained_ensemble, demo_root, t
     assert infer.main([str(images[0]), "--weights", weights, "--backend", "onnx", "--precision", "bf16"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fp32" in err and "--backend torch" in err
+
+
+def test_infer_threads_leave_the_decode_workers_their_cores(trained_ensemble, demo_root, tmp_path, monkeypatch):
+    import torch
+
+    from ensemble import predictor
+
+    images = [str(p) for p in sorted((demo_root / "testset").iterdir())[:2]]
+    weights = str(trained_ensemble["weights"])
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(predictor.os, "cpu_count", lambda: 6)  # 6 cores, 3 workers: 3 threads
+        assert infer.main([*images, "--csv", str(tmp_path / "a.csv"), "--weights", weights, "--device", "cpu",
+                           "--workers", "3"]) == 0
+        assert torch.get_num_threads() == 3
+        assert infer.main([*images, "--csv", str(tmp_path / "b.csv"), "--weights", weights, "--device", "cpu",
+                           "--workers", "3", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert infer.main([images[0], "--weights", weights, "--threads", "-1"]) == 2

@@ -104,3 +104,12 @@ def test_decode_workers_run_opencv_on_one_thread(monkeypatch, tmp_path):
     failed = [f for *_, batch_failed in predictor.score_files(detector, paths, batch_size=1, workers=2)
               for f in batch_failed]
     assert [message for _, message in failed] == ["img: opencv threads 1"] * 3
+
+
+@pytest.mark.parametrize("device, cores, workers, expected", [
+    ("cpu", 16, 3, 13), ("cpu", 4, 3, 1),  # 4+ cores: the decode workers get cores of their own
+    ("cpu", 2, 1, None), ("cpu", 16, 0, None), ("cuda", 16, 8, None),  # else torch's default
+])
+def test_default_torch_threads_leave_the_workers_their_cores(monkeypatch, device, cores, workers, expected):
+    monkeypatch.setattr(predictor.os, "cpu_count", lambda: cores)
+    assert predictor.default_torch_threads(torch.device(device), workers) == expected
