@@ -197,6 +197,20 @@ class StrictStop(Exception):
     pass
 
 
+def set_cpu_threads(args, device) -> int:
+    """Fill in --workers and --threads for `device` where they were left out (defaults:
+    ensemble.predictor's), set torch's CPU threads, and return them."""
+    import torch
+
+    from ensemble.predictor import default_decode_workers, default_torch_threads
+    if args.workers is None:
+        args.workers = default_decode_workers(device)
+    threads = args.threads or default_torch_threads(device, args.workers)
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 @entry_point
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -206,21 +220,14 @@ def main(argv=None) -> int:
     tta = None if args.tta is None else [t for t in args.tta.split(",") if t and t != "none"]
     experts = args.experts.split(",") if args.experts else None
     if args.backend == "onnx":  # fp32: parse_args refused --precision bf16, and auto means fp32 here
+        import torch
+
         from ensemble.onnx_backend import onnx_detector
-        detector = onnx_detector(args.weights, experts, tta)
+        detector = onnx_detector(args.weights, experts, tta, threads=set_cpu_threads(args, torch.device("cpu")))
     else:
         detector = EnsembleDetector.from_weights(args.weights, experts, args.device, tta,
                                                  precision=args.precision)
-    if args.workers is None:
-        from ensemble.predictor import default_decode_workers
-        args.workers = default_decode_workers(detector.device)
-    threads = args.threads
-    if not threads:
-        from ensemble.predictor import default_torch_threads
-        threads = default_torch_threads(detector.device, args.workers)
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
+        set_cpu_threads(args, detector.device)
     temporal = None
     if args.video_rule in TEMPORAL_RULES:  # loaded once, before any input, so no head fails at once
         from ensemble.temporal_model import require_temporal

@@ -72,8 +72,8 @@ def _predictor():
 # PYRAMID_STEP ** COARSE_LEVELS: its pyramid holds the same scales as the coarse part of the
 # full one, so a large face gets the box the full search gives, give or take one 8 px HOG
 # cell of the copy where resampling tips a borderline cell, at about a third of the cost
-# (README "Inference": the same face crop on all 2,436 FF++ valset/testset and lfw_faceswap
-# testset images). A box under COARSE_MIN_BOX px on the copy was found at its finest level,
+# (BENCHMARKS.md "Speed": the same face crop on all 2,436 FF++ valset/testset and
+# lfw_faceswap testset images). A box under COARSE_MIN_BOX px on the copy was found at its finest level,
 # where the full search's finer levels might score the face better: the full search decides.
 PYRAMID_STEP = 5 / 6
 COARSE_LEVELS = 4

@@ -256,8 +256,8 @@ def default_torch_threads(device: torch.device, workers: int) -> int | None:
     to keep torch's default (one per core). With 4 or more cores the workers get cores of
     their own: on 16 cores, 16 threads beside 3 workers ran 86 img/s end to end and 12
     beside 4 ran 131-156 (BENCHMARKS.md). On 2 or 3 cores a core less for the forward
-    passes costs more than the worker's share of one (the face stage is about a quarter of
-    the work), so both threads stay."""
+    passes costs more than it hides: decoding and the face stage are about a tenth of the
+    work, and on 2 cores 1 thread beside the worker ran 41 img/s, 2 threads 51."""
     cores = os.cpu_count() or 1
     if device.type != "cpu" or workers < 1 or cores < 4:
         return None
