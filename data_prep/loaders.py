@@ -33,19 +33,10 @@ SAMPLER_STREAM = 1 << 20
 PAIRED_FAKE_STREAM = 1 << 21
 
 
-def one_thread_worker(_worker_id: int) -> None:
-    """DataLoader worker_init_fn: torch already runs a worker on one thread, but OpenCV would
-    start a thread per core in every worker (resizes, colour conversions), and N workers
-    beside the forward passes' threads oversubscribe the cores."""
-    import cv2
-    cv2.setNumThreads(1)
-
-
 def cache_face_crops(samples: list[Sample], crops: FaceCropCache, num_workers: int, show: bool) -> list[Sample]:
     """Decode and face-crop every image once (filling the cache); broken files are skipped
     with a one-line warning each and counted, never stopping the run."""
-    loader = DataLoader(_CropProbe(samples, crops), batch_size=None, num_workers=num_workers,
-                        worker_init_fn=one_thread_worker)
+    loader = DataLoader(_CropProbe(samples, crops), batch_size=None, num_workers=num_workers)
     kept, broken = [], []
     for index, error in tqdm(loader, total=len(samples), desc="face crops", disable=not show, leave=False):
         if error:
@@ -168,4 +159,4 @@ def make_loader(dataset, cfg: Config, sampler=None, batch_size=None, shuffle=Fal
     return DataLoader(dataset, batch_size=batch_size or cfg.train.batch_size, sampler=sampler,
                       shuffle=shuffle, num_workers=cfg.data.num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=sampler is not None,
-                      persistent_workers=False, worker_init_fn=one_thread_worker)
+                      persistent_workers=False)

@@ -270,11 +270,9 @@ def score_files(detector: EnsembleDetector, paths: list[Path], batch_size=32, wo
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from data_prep.loaders import one_thread_worker
-
     loader = DataLoader(ImageFiles(paths, detector), batch_size=batch_size, collate_fn=collate_images,
                         num_workers=workers if len(paths) > batch_size else 0,
-                        pin_memory=detector.device.type == "cuda", worker_init_fn=one_thread_worker)
+                        pin_memory=detector.device.type == "cuda")
     with tqdm(total=len(paths), desc="scoring", unit="img", disable=not progress) as bar:
         for indices, batch, failed in loader:
             p, features = detector.score_crops(batch) if indices else (np.zeros(0), np.zeros((0, 0)))

@@ -85,27 +85,6 @@ def test_default_decode_workers_follow_the_device_and_the_cores(monkeypatch, dev
     assert predictor.default_decode_workers(torch.device(device)) == expected
 
 
-def test_decode_workers_run_opencv_on_one_thread(monkeypatch, tmp_path):
-    """OpenCV starts a thread per core in each process: N decode workers beside the forward
-    passes would oversubscribe the cores. Each worker reports its OpenCV thread count through
-    the failure message of its only image."""
-    import cv2
-
-    from data_prep.images import ImageDecodeError
-
-    def report(rgb, face):
-        raise ImageDecodeError("img", f"opencv threads {cv2.getNumThreads()}")
-
-    monkeypatch.setattr(predictor, "crop_face", report)
-    monkeypatch.setattr(predictor, "decode_image", lambda path: None)
-    experts = {"a": create_expert(ExpertConfig(kind="resnet", model="test_resnet"), 32).eval()}
-    detector = EnsembleDetector(experts, FaceConfig(), torch.device("cpu"))
-    paths = [tmp_path / f"{i}.png" for i in range(3)]
-    failed = [f for *_, batch_failed in predictor.score_files(detector, paths, batch_size=1, workers=2)
-              for f in batch_failed]
-    assert [message for _, message in failed] == ["img: opencv threads 1"] * 3
-
-
 @pytest.mark.parametrize("device, cores, workers, expected", [
     ("cpu", 16, 3, 13), ("cpu", 4, 3, 1),  # 4+ cores: the decode workers get cores of their own
     ("cpu", 2, 1, None), ("cpu", 16, 0, None), ("cuda", 16, 8, None),  # else torch's default
