@@ -43,7 +43,7 @@ def _spy_on_copies(monkeypatch):
     return scales
 
 
-def test_coarse_first_gives_a_close_up_the_full_search_crop(monkeypatch):
+def test_coarse_first_finds_a_close_up_on_the_coarse_copy(monkeypatch):
     close_up = cv2.resize(FACE[72:192, 166:286], (299, 299), interpolation=cv2.INTER_CUBIC)  # face ~ 215 px
     full = lm._largest_face(close_up, 320)
     scales = _spy_on_copies(monkeypatch)
