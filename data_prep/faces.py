@@ -75,18 +75,11 @@ def _dlib_faces(rgb: np.ndarray, min_face: float, max_side: int) -> list[tuple[i
     largest one (a copy of at most `max_side` pixels, one upsampling pass when a small copy
     shows none), largest first, as (x, y, w, h) in `rgb`'s pixels, smaller than
     `min_face` of the short side dropped as `detect_face` does."""
-    from data_prep.landmarks import hog_detector
+    from data_prep.landmarks import faces_on_copy
 
-    detector = hog_detector()
     h, w = rgb.shape[:2]
     scale = min(1.0, max_side / max(h, w))
-    small = rgb if scale == 1.0 else cv2.resize(rgb, (round(w * scale), round(h * scale)),
-                                                interpolation=cv2.INTER_AREA)
-    small = np.ascontiguousarray(small)
-    found = detector(small, 0)
-    if len(found) == 0 and max(small.shape[:2]) < 400:
-        found = detector(small, 1)
-    found = sorted(found, key=lambda r: r.width() * r.height(), reverse=True)
+    found = sorted(faces_on_copy(rgb, scale), key=lambda r: r.width() * r.height(), reverse=True)
     boxes = []
     for r in found:  # corners mapped back as landmarks does; dlib's width counts both edges (+1)
         left, top, right, bottom = (round(v / scale) for v in (r.left(), r.top(), r.right(), r.bottom()))

@@ -87,16 +87,17 @@ def _largest_face(rgb: np.ndarray, max_side: int, coarse_first: bool = False):
     h, w = rgb.shape[:2]
     scale = min(1.0, max_side / max(h, w))
     if coarse_first:
-        box = _largest_on_copy(rgb, scale * PYRAMID_STEP ** COARSE_LEVELS, upsample=False)
+        coarse = scale * PYRAMID_STEP ** COARSE_LEVELS
+        box = _largest_on_copy(rgb, coarse, upsample=False)
         if box is not None and min(box.width(), box.height()) >= COARSE_MIN_BOX:
-            return _to_full_pixels(box, scale * PYRAMID_STEP ** COARSE_LEVELS)
+            return _to_full_pixels(box, coarse)
     box = _largest_on_copy(rgb, scale, upsample=True)
     return None if box is None else _to_full_pixels(box, scale)
 
 
-def _largest_on_copy(rgb: np.ndarray, scale: float, upsample: bool):
-    """The largest face dlib finds on `rgb` resized by `scale` (<= 1), in the copy's pixels;
-    with `upsample`, one upsampling pass when a small copy shows none."""
+def faces_on_copy(rgb: np.ndarray, scale: float, upsample: bool = True) -> list:
+    """Every face (dlib rectangles) dlib finds on `rgb` resized by `scale` (<= 1), in the
+    copy's pixels; with `upsample`, one upsampling pass when a small copy shows none."""
     detector = hog_detector()
     h, w = rgb.shape[:2]
     small = rgb if scale == 1.0 else cv2.resize(rgb, (round(w * scale), round(h * scale)),
@@ -105,13 +106,17 @@ def _largest_on_copy(rgb: np.ndarray, scale: float, upsample: bool):
     faces = detector(small, 0)
     if len(faces) == 0 and upsample and max(small.shape[:2]) < 400:
         faces = detector(small, 1)  # small images: one upsampling pass
-    return max(faces, key=lambda r: r.width() * r.height()) if len(faces) else None
+    return list(faces)
+
+
+def _largest_on_copy(rgb: np.ndarray, scale: float, upsample: bool):
+    """The largest of `faces_on_copy`, or None."""
+    faces = faces_on_copy(rgb, scale, upsample)
+    return max(faces, key=lambda r: r.width() * r.height()) if faces else None
 
 
 def _to_full_pixels(box, scale: float):
-    import dlib
-
-    return dlib.rectangle(round(box.left() / scale), round(box.top() / scale),
+    return _dlib().rectangle(round(box.left() / scale), round(box.top() / scale),
                           round(box.right() / scale), round(box.bottom() / scale))
 
 
