@@ -606,12 +606,9 @@ def measure(args, tmp: Path) -> tuple[dict, int]:
         print(f"error: {err}", file=sys.stderr)
         return {}, EXIT_USAGE
     load_s = time.perf_counter() - start
-    if args.workers is None:  # infer.py's default, which depends on the device
-        from ensemble.predictor import default_decode_workers
-        args.workers = default_decode_workers(detector.device)
-    if not args.threads:  # infer.py's default too; the bare passes run on the same threads
-        from ensemble.predictor import default_torch_threads
-        torch.set_num_threads(default_torch_threads(detector.device, args.workers) or torch.get_num_threads())
+    # infer.py's defaults for --workers and --threads on this device; the bare passes then run
+    # on the threads the pipeline gets
+    infer.set_cpu_threads(args, detector.device)
     if detector.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(detector.device)
 
