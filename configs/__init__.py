@@ -133,6 +133,8 @@ class ExpertConfig:
     image_size: int = 0            # 0 = data.image_size
     patch_size: int = 0            # >0: train on random patches of this side (native resolution); whole input at test
     epochs: int = 0                # 0 = train.epochs
+    swa_fraction: float = 0.0      # >0: export the mean of the raw weights of this last fraction of the epochs
+                                   # (SWA, BatchNorm statistics measured again), not the best-validated EMA weights
     online_fake_ops: list[str] = field(default_factory=list)  # its training fakes' editing ops; empty = data's
     lr: float = 0.0                # 0 = train.lr
     input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)

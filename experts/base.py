@@ -39,7 +39,7 @@ from experts.losses import classification_losses
 EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
 EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
 # Read by the trainer for every kind, so never an error.
-TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "lr", "online_fake_ops"})
+TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "swa_fraction", "lr", "online_fake_ops"})
 
 
 def register_expert(kind: str, aliases: tuple[str, ...] = ()):
@@ -67,8 +67,12 @@ def expert_class(kind: str) -> type["Expert"]:
 
 def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Expert"]:
     """The class of `cfg.kind`, after checking that every field set away from its default is
-    one that kind reads; ConfigError naming the key (`expert.<name>.<field>`) otherwise."""
+    one that kind reads (and that swa_fraction is a fraction); ConfigError naming the key
+    (`expert.<name>.<field>`) otherwise."""
     cls = expert_class(cfg.kind)
+    if not 0 <= cfg.swa_fraction <= 1:
+        key = f"expert.{name}.swa_fraction" if name else "swa_fraction"
+        raise ConfigError(f"{key}: {cfg.swa_fraction} is not a fraction of the epochs (0 = off, up to 1)")
     defaults = ExpertConfig()
     for field in dataclasses.fields(ExpertConfig):
         if field.name in TRAINER_FIELDS or field.name in cls.config_fields:

@@ -8,9 +8,9 @@ For each name in `experts`, `train_expert` runs five steps:
                      cosine schedule, EMA weights
     resume_run       with resume=true, continue from runs/<name>/checkpoint.pt to the same result
     train_one_epoch  every epoch; then
-    validate         AUC with both the raw and the EMA weights, keep the best EMA weights, and
-                     checkpoint (save_checkpoint)
-    export           bake the best EMA weights into <out>/<name>.safetensors and the manifest
+    validate         AUC with both the raw and the EMA weights, keep the best EMA weights (with
+                     swa_fraction: add the raw ones to their running mean), checkpoint
+    export           bake the best EMA weights (or that mean) into <out>/<name>.safetensors and the manifest
 
 Under `torchrun` it runs data-parallel (DDP); rank 0 logs and writes.
 
@@ -50,6 +50,7 @@ from data_prep.folds import fold_samples, read_folds
 from data_prep.loaders import EpochSampler, FaceCropDataset, cache_face_crops, make_loader
 from experts import Expert, create_expert
 from experts.base import check_expert_config
+from experts.swa import add_to_average, load_average, swa_epochs
 from experts.weights import save_expert
 
 log = logging.getLogger("train")
@@ -134,9 +135,11 @@ class ExpertRun:
     ema: object                # torch_ema.ExponentialMovingAverage of `params`
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
+    swa_epochs: int = 0        # >0: export the mean of the raw weights of the last swa_epochs epochs (swa_fraction)
     start_epoch: int = 0
     history: list[dict] = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=lambda: {"auc": -1.0, "epoch": -1, "state": None})
+    swa: dict = dataclasses.field(default_factory=lambda: {"state": None, "count": 0})  # running mean
 
     @property
     def checkpoint(self) -> Path:
@@ -191,7 +194,7 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     return ExpertRun(name, export_name, cfg, size, epochs, Path(cfg.run_dir) / export_name, show, crops,
                      expert, step_module, train_samples, train_set, sampler, train_loader, val_loader,
-                     params, optimizer, scheduler, ema, scaler, amp_dtype)
+                     params, optimizer, scheduler, ema, scaler, amp_dtype, swa_epochs(ecfg.swa_fraction, epochs))
 
 
 def resume_run(run: ExpertRun, rt: Runtime) -> None:
@@ -206,6 +209,7 @@ def resume_run(run: ExpertRun, rt: Runtime) -> None:
     run.scaler.load_state_dict(ck["scaler"])
     run.start_epoch, run.history = ck["epoch"] + 1, json.loads(ck["history"])
     run.best = {"auc": ck["best_auc"], "epoch": ck["best_epoch"], "state": ck["best_state"]}
+    run.swa = {"state": ck.get("swa_state"), "count": ck.get("swa_count", 0)}
     if rt.is_main:
         log.info("%s: resumed from %s at epoch %d", run.name, run.checkpoint, run.start_epoch)
 
@@ -258,6 +262,8 @@ def validate(run: ExpertRun, row: dict, epoch_start: float, rt: Runtime) -> None
                seconds=time.time() - epoch_start)
     if run.best["state"] is None or row["val_auc_ema"] > run.best["auc"] or math.isnan(run.best["auc"]):
         run.best = {"auc": row["val_auc_ema"], "epoch": row["epoch"], "state": ema_state}
+    if row["epoch"] > run.epochs - run.swa_epochs:
+        add_to_average(run.swa, expert.state_dict())
     run.history.append(row)
     log.info("%s epoch %d/%d  loss %.4f  val AUC %.4f (EMA %.4f)  %.0f img/s  %.0fs", run.name, row["epoch"],
              run.epochs, row["train_loss"], row["val_auc"], row["val_auc_ema"],
@@ -265,19 +271,25 @@ def validate(run: ExpertRun, row: dict, epoch_start: float, rt: Runtime) -> None
 
 
 def export(run: ExpertRun, rt: Runtime, splits: dict, started: float) -> dict:
-    """Load the best EMA weights, let the expert finalize itself, write weights + manifest,
-    the history and the validation scores; the summary recorded in the manifest."""
+    """Load the best EMA weights (or the SWA mean), let the expert finalize itself, write weights
+    + manifest, the history and the validation scores; the summary recorded in the manifest."""
     cfg, expert = run.cfg, run.expert
-    expert.load_state_dict(run.best["state"])
+    train_eval = make_loader(FaceCropDataset(run.train_samples, run.crops, run.size, cfg, train=False), cfg)
+    if run.swa_epochs:  # experts/swa.py
+        load_average(expert, run.swa, run.swa_epochs, (to_input(x, rt.device, False) for x, _ in train_eval),
+                     run.export_name)
+    else:
+        expert.load_state_dict(run.best["state"])
     expert.eval()
-    training_batches = ((to_input(x, rt.device, False), y) for x, y in
-                        make_loader(FaceCropDataset(run.train_samples, run.crops, run.size, cfg, train=False), cfg))
     val_batches = ((to_input(x, rt.device, False), y) for x, y in run.val_loader)
+    training_batches = ((to_input(x, rt.device, False), y) for x, y in train_eval)
     expert.finalize(training_batches, val_batches)
     p_val, y_val = predict(expert, run.val_loader, rt.device, show=run.show)
     write_history(run.run_dir, run.history)
     summary = {
         "best_epoch": run.best["epoch"], "val_auc": safe_auc(y_val, p_val), "epochs": run.epochs,
+        "weights": (f"mean of epochs {run.epochs - run.swa_epochs + 1}-{run.epochs}" if run.swa_epochs
+                    else f"EMA weights of the best epoch {run.best['epoch']}"),
         "train_seconds": round(time.time() - started, 1), "image_size": run.size,
         # where and how it ran, so a manifest says whether the GPU, AMP and DDP were used
         "hardware": {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
@@ -289,7 +301,7 @@ def export(run: ExpertRun, rt: Runtime, splits: dict, started: float) -> dict:
     save_expert(expert, cfg.out, run.export_name, cfg.face, {"training": summary}, config=to_dict(cfg))
     (run.run_dir / "val_scores.json").write_text(json.dumps(
         {s.name: float(p) for s, p in zip(splits["valset"], p_val)}))
-    log.info("%s: best epoch %d, val AUC %.4f -> %s/%s.safetensors", run.export_name, run.best["epoch"],
+    log.info("%s: %s, val AUC %.4f -> %s/%s.safetensors", run.export_name, summary["weights"],
              summary["val_auc"], cfg.out, run.export_name)
     return summary
 
@@ -326,7 +338,8 @@ def save_checkpoint(run: ExpertRun, epoch: int) -> None:
                     "scheduler": run.scheduler.state_dict(), "ema": run.ema.state_dict(),
                     "scaler": run.scaler.state_dict(), "epoch": epoch, "history": json.dumps(run.history),
                     "best_auc": run.best["auc"], "best_epoch": run.best["epoch"],
-                    "best_state": run.best["state"]}, handle)
+                    "best_state": run.best["state"], "swa_state": run.swa["state"],
+                    "swa_count": run.swa["count"]}, handle)
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:

@@ -16,9 +16,11 @@ from helpers import cpu_run_overrides, tiny_overrides
 
 # ---------------------------------------------------------------- resume
 
-@pytest.mark.parametrize("extra", [[], ["train.grad_accum=3"]], ids=["plain", "grad_accum3"])
+@pytest.mark.parametrize("extra", [[], ["train.grad_accum=3"], ["expert.convnext.swa_fraction=0.7"]],
+                         ids=["plain", "grad_accum3", "swa"])
 def test_resume_equals_uninterrupted(demo_root, tmp_path, crop_cache, extra):
-    """4 batches per epoch; with grad_accum=3 an epoch ends inside an accumulation window."""
+    """4 batches per epoch; with grad_accum=3 an epoch ends inside an accumulation window; with
+    swa the run stops inside the averaged epochs (2 and 3)."""
     common = ["experts=convnext", "train.epochs=3", "data.num_workers=0"] + extra
     run_a = tiny_overrides(tmp_path / "a", epochs=3, cache_dir=crop_cache) + common
     run_b = tiny_overrides(tmp_path / "b", epochs=3, cache_dir=crop_cache) + common
@@ -66,6 +68,44 @@ def test_resume_equals_uninterrupted(demo_root, tmp_path, crop_cache, extra):
         assert experts_train.main([str(demo_root)] + run_b + ["resume=true"]) == 0
     c = load_file(str(tmp_path / "b" / "weights" / "convnext.safetensors"))
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_swa_exports_the_mean_of_the_last_epochs_with_batchnorm_measured_again(demo_root, tmp_path, crop_cache):
+    """swa_fraction 0.5 of 4 epochs: the exported parameters are the mean of epochs 3 and 4's
+    raw weights, and BatchNorm's statistics are measured again for them, not averaged."""
+    raw_states = []
+    original = experts_train.save_checkpoint
+
+    def keep_raw_weights(run, epoch):
+        raw_states.append({k: v.detach().clone() for k, v in run.expert.state_dict().items()})
+        original(run, epoch)
+
+    overrides = tiny_overrides(tmp_path, epochs=4, experts="resnet", cache_dir=crop_cache) + [
+        "expert.resnet.swa_fraction=0.5"]
+    with mock.patch.object(experts_train, "save_checkpoint", side_effect=keep_raw_weights):
+        assert experts_train.main([str(demo_root)] + overrides) == 0
+    assert len(raw_states) == 4
+    exported = load_file(str(tmp_path / "weights" / "resnet.safetensors"))
+    last_two = raw_states[2:]
+    batchnorm_buffers = {k for k in exported if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert batchnorm_buffers
+    for key in set(exported) - batchnorm_buffers:
+        torch.testing.assert_close(exported[key], (last_two[0][key] + last_two[1][key]) / 2, msg=key)
+    assert all(not torch.equal(exported[key], last_two[1][key]) for key in exported
+               if key.endswith("weight") and key not in batchnorm_buffers and "backbone" in key)
+    means = [k for k in batchnorm_buffers if k.endswith("running_mean")]
+    averaged = {k: (last_two[0][k] + last_two[1][k]) / 2 for k in means}
+    assert all(not torch.allclose(exported[k], averaged[k]) for k in means)
+    # one pass over the training crops with a cumulative average, not a running one
+    assert all(int(exported[k.replace("running_mean", "num_batches_tracked")]) > 0 for k in means)
+    training = json.loads((tmp_path / "weights" / MANIFEST).read_text())["experts"]["resnet"]["training"]
+    assert training["weights"] == "mean of epochs 3-4" and np.isfinite(training["val_auc"])
+
+
+def test_swa_fraction_outside_0_1_stops_before_reading_any_data(tmp_path, capsys):
+    assert experts_train.main([str(tmp_path / "no_data"), "expert.resnet.swa_fraction=1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: expert.resnet.swa_fraction: 1.5 is not a fraction") and err.count("\n") == 1
 
 
 def test_other_experts_train_export_and_reload(demo_root, tmp_path, crop_cache):
