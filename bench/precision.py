@@ -3,8 +3,9 @@
     python -m bench.precision [--kind resnet --model resnet10t --size 128 --batch 32 --steps 10]
 
 Times training steps (forward + backward + AdamW) and inference batches of one expert in
-fp32, bf16 autocast, and channels-last, on the CPU (or CUDA with --device cuda). The cpu
-profile keeps `train.amp: off` and `channels_last: false` unless this says otherwise.
+fp32, bf16 autocast, channels-last and both, on the CPU (or CUDA with --device cuda). The cpu
+profile trains in bf16 where the CPU has bf16 units (`train.amp: auto`) and keeps
+`channels_last: false` unless this says otherwise.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     print("| mode | train step s | train img/s | inference batch s | inference img/s |")
     print("|---|---:|---:|---:|---:|")
     for label, dtype, channels_last in (("fp32", None, False), ("bf16 autocast", torch.bfloat16, False),
-                                        ("fp32 channels-last", None, True)):
+                                        ("fp32 channels-last", None, True),
+                                        ("bf16 autocast, channels-last", torch.bfloat16, True)):
         cfg = ExpertConfig(kind=args.kind, model=args.model, input_filter=args.input_filter)
         torch.manual_seed(0)
         model = create_expert(cfg, args.size).to(device)

@@ -136,6 +136,8 @@ class ExpertConfig:
     swa_fraction: float = 0.0      # >0: export the mean of the raw weights of this last fraction of the epochs
                                    # (SWA, BatchNorm statistics measured again), not the best-validated EMA weights
     online_fake_ops: list[str] = field(default_factory=list)  # its training fakes' editing ops; empty = data's
+    boundary_loss: float = 0.0     # >0: an auxiliary head learns where the editing fakes were blended (Face X-ray),
+                                   # this weight beside the classification losses (timm kind)
     lr: float = 0.0                # 0 = train.lr
     input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)
     trainable: str = "all"         # all | layernorm_head (CLIP: LayerNorm affine + head only)

@@ -24,6 +24,7 @@ from configs import Config
 from data_prep.dataset import Sample
 from data_prep.faces import FaceCropCache
 from data_prep.images import ImageDecodeError
+from data_prep.masks import blending_boundary
 from data_prep.transforms import crop_to_tensor, resize_square, to_tensor, train_augmentations
 
 log = logging.getLogger("train")
@@ -69,12 +70,16 @@ class _CropProbe(Dataset):
 class FaceCropDataset(Dataset):
     """(uint8 tensor 3 x S x S, label). Training: augmentations and, with probability
     `online_fakes` (cfg.data.online_fakes unless given), a real turned into an editing fake
-    (label 1) on the fly; `online_fakes=0.0` for an expert that must never see a fake."""
+    (label 1) on the fly; `online_fakes=0.0` for an expert that must never see a fake.
+    With `boundaries` (training only), also each image's blending boundary, 1 x S x S float:
+    an editing fake's (`masks.blending_boundary`), 0 for a real, -1 (unknown) for a fake of
+    the data set, transformed with the image."""
 
     def __init__(self, samples, crops: FaceCropCache, size: int, cfg: Config, train: bool,
                  paired_fakes: bool = False, patch_size: int = 0, online_fakes: float | None = None,
-                 fake_ops: list[str] | None = None):
+                 fake_ops: list[str] | None = None, boundaries: bool = False):
         self.samples, self.crops, self.size, self.train = samples, crops, size, train
+        self.boundaries = boundaries and train
         # paired_fakes (evaluation of a reals-only split): after the n samples come n editing
         # fakes, one made from each real with a fixed seed, so every epoch sees the same ones.
         self.paired = paired_fakes
@@ -102,28 +107,36 @@ class FaceCropDataset(Dataset):
         if i >= len(self.samples):  # a paired fake
             i -= len(self.samples)
             rng = np.random.default_rng(sample_seed(self.seed, PAIRED_FAKE_STREAM, i))
-            image, target = self.make_fake(i, self.crops.load(self.samples[i].path), rng)
-            return crop_to_tensor(image, self.size), target
+            image, _ = self.make_fake(i, self.crops.load(self.samples[i].path), rng)
+            return crop_to_tensor(image, self.size), 1
         sample = self.samples[i]
         image, target = self.crops.load(sample.path), sample.target
-        if self.train:
-            rng = np.random.default_rng(sample_seed(self.seed, self.epoch, i))
-            if target == 0 and self.online_fakes > 0 and rng.random() < self.online_fakes:
-                image, target = self.make_fake(i, image, rng)
-            self.augment.set_random_seed(int(rng.integers(2**31)))
-            image = resize_square(self.augment(image=image)["image"], self.size)
-            if self.patch:  # a native-resolution patch; evaluation sees the whole input
-                y0, x0 = rng.integers(0, self.size - self.patch + 1, size=2)
-                image = image[y0:y0 + self.patch, x0:x0 + self.patch]
+        if not self.train:
+            return crop_to_tensor(image, self.size), target
+        rng = np.random.default_rng(sample_seed(self.seed, self.epoch, i))
+        boundary = np.full(image.shape[:2], -1.0 if target else 0.0, np.float32)
+        if target == 0 and self.online_fakes > 0 and rng.random() < self.online_fakes:
+            image, mask = self.make_fake(i, image, rng)
+            target, boundary = 1, blending_boundary(mask)
+        self.augment.set_random_seed(int(rng.integers(2**31)))
+        augmented = self.augment(image=image, mask=boundary) if self.boundaries else self.augment(image=image)
+        image = resize_square(augmented["image"], self.size)
+        boundary = resize_square(augmented["mask"], self.size) if self.boundaries else None
+        if self.patch:  # a native-resolution patch; evaluation sees the whole input
+            y0, x0 = rng.integers(0, self.size - self.patch + 1, size=2)
+            image = image[y0:y0 + self.patch, x0:x0 + self.patch]
+            boundary = None if boundary is None else boundary[y0:y0 + self.patch, x0:x0 + self.patch]
+        if boundary is None:
             return to_tensor(image), target
-        return crop_to_tensor(image, self.size), target
+        return to_tensor(image), target, torch.from_numpy(np.ascontiguousarray(boundary))[None]
 
     def make_fake(self, i, image, rng):
+        """(editing fake of `image`, its blend mask)."""
         from data_prep.manipulations import fake_from_face_crop
         donor = self.crops.load(self.samples[int(rng.choice(self.real_indices))].path)
         points = self.crops.landmarks(self.samples[i].path) if self.fake_masks == "landmarks" else None
-        fake, _mask, _name = fake_from_face_crop(image, rng, donor, self.margin, self.fake_ops, points)
-        return fake, 1
+        fake, mask, _name = fake_from_face_crop(image, rng, donor, self.margin, self.fake_ops, points)
+        return fake, mask
 
 
 class EpochSampler(Sampler):

@@ -66,6 +66,15 @@ def blend(image: np.ndarray, edited: np.ndarray, mask: np.ndarray) -> np.ndarray
     return to_uint8(out)
 
 
+def blending_boundary(mask: np.ndarray) -> np.ndarray:
+    """Face X-ray's boundary 4 m (1 - m) of a soft blend mask m, scaled to peak at 1 first
+    (a self-blend's mask peaks at its blend ratio): 1 where edited and original pixels mix
+    half and half, 0 inside the untouched image and inside the fully replaced region."""
+    peak = float(mask.max())
+    m = mask / peak if peak > 0 else mask
+    return (4.0 * m * (1.0 - m)).astype(np.float32)
+
+
 def to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 

@@ -4,7 +4,8 @@ An expert is an `nn.Module` that takes a float batch in [0, 1] (B, 3, H, W) and 
   forward(x)         -> logits (B, 2), class 1 = fake
   predict_proba(x)   -> P(fake) (B,)
   embed(x)           -> feature vectors (B, D) for clustering and t-SNE
-  training_loss(x, y, loss_cfg) -> (loss, {name: float}), used by the one trainer.
+  training_loss(x, y, loss_cfg) -> (loss, {name: float}), used by the one trainer; an
+      expert with `learns_boundaries` also takes the editing fakes' blending boundaries.
 Normalisation (mean/std) is a buffer of the expert, so it is saved with the weights.
 The hooks the trainer calls on every expert, each with a default here: `training_samples`
 (what it learns from), `trainable_parameters` (what the optimizer updates), `finalize` (after
@@ -67,12 +68,15 @@ def expert_class(kind: str) -> type["Expert"]:
 
 def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Expert"]:
     """The class of `cfg.kind`, after checking that every field set away from its default is
-    one that kind reads (and that swa_fraction is a fraction); ConfigError naming the key
-    (`expert.<name>.<field>`) otherwise."""
+    one that kind reads (that swa_fraction is a fraction, boundary_loss not negative);
+    ConfigError naming the key (`expert.<name>.<field>`) otherwise."""
     cls = expert_class(cfg.kind)
+    prefix = f"expert.{name}." if name else ""
     if not 0 <= cfg.swa_fraction <= 1:
-        key = f"expert.{name}.swa_fraction" if name else "swa_fraction"
-        raise ConfigError(f"{key}: {cfg.swa_fraction} is not a fraction of the epochs (0 = off, up to 1)")
+        raise ConfigError(f"{prefix}swa_fraction: {cfg.swa_fraction} is not a fraction of the epochs "
+                          "(0 = off, up to 1)")
+    if cfg.boundary_loss < 0:
+        raise ConfigError(f"{prefix}boundary_loss: {cfg.boundary_loss} is negative (0 = off)")
     defaults = ExpertConfig()
     for field in dataclasses.fields(ExpertConfig):
         if field.name in TRAINER_FIELDS or field.name in cls.config_fields:
@@ -120,6 +124,9 @@ class Expert(nn.Module):
     # An expert that learns what real faces look like (the DAE): it trains on reals only, and
     # the trainer makes no editing fakes and draws no class balance for it.
     trains_on_real_only: ClassVar[bool] = False
+    # An expert that also learns where an editing fake was blended (timm kind, boundary_loss):
+    # the trainer then hands training_loss each image's boundary map as well.
+    learns_boundaries: bool = False
 
     def __init__(self, cfg: ExpertConfig, image_size: int,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -220,7 +227,9 @@ class FeatureClassifier(Expert):
         return self.features(x)
 
     def training_loss(self, x, y, loss_cfg: LossConfig):
-        feats = self.features(x)
+        return self.losses_of_features(x, y, self.features(x), loss_cfg)
+
+    def losses_of_features(self, x, y, feats, loss_cfg: LossConfig):
         logits = self.head(feats)
         # The noisy copy only matters for the KL term; skip its forward pass otherwise.
         noisy_logits = None

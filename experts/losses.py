@@ -5,6 +5,8 @@
        so the model cannot lean on fragile pixel-exact cues.
 * NCE: supervised contrastive InfoNCE (Khosla et al., 2020) on L2-normalised projections;
        every other sample with the same label is a positive.
+And, for an expert with a boundary head (`expert.<name>.boundary_loss`, weighted there):
+* boundary: per-pixel BCE of the predicted blending boundary (Face X-ray, Li et al., 2020).
 """
 from __future__ import annotations
 
@@ -57,3 +59,15 @@ def classification_losses(logits, y, cfg: LossConfig, noisy_logits=None, project
         total = total + cfg.nce * nce
         logs["nce"] = nce.item()
     return total, logs
+
+
+def boundary_loss(logits_map: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """BCE between a predicted blending-boundary map (B, 1, h, w logits) and the images'
+    boundary maps (B, 1, H, W in [0, 1], area-pooled to h x w), mean over the pixels of the
+    images whose boundary is known. A data set's own fake has no known boundary (its map is
+    negative): it is left out, so the head never learns to call its boundary absent."""
+    target = F.adaptive_avg_pool2d(boundaries.float(), logits_map.shape[-2:])
+    known = (boundaries.flatten(1)[:, 0] >= 0).float()
+    per_image = F.binary_cross_entropy_with_logits(logits_map.float(), target.clamp(min=0),
+                                                   reduction="none").flatten(1).mean(1)
+    return (per_image * known).sum() / known.sum().clamp(min=1)  # 0 with a gradient when none is known

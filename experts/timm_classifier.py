@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from common.errors import ConfigError
 from common.inputs import IMAGENET_MEAN, IMAGENET_STD
 from configs import ExpertConfig
 from experts.base import (
@@ -31,9 +32,11 @@ from experts.base import (
     make_mlp,
     register_expert,
 )
+from experts.losses import boundary_loss
 
 TIMM_FIELDS = frozenset({"model", "pretrained", "pretrained_file", "input_filter", "head_layers", "embed_dim",
-                         "drop_rate"})
+                         "drop_rate", "boundary_loss"})
+BOUNDARY_REDUCTION = 8  # the boundary head reads the first feature stage at 1/8 of the input or coarser
 
 
 @register_expert("timm", aliases=("convnext", "efficientnet", "resnet"))
@@ -54,14 +57,44 @@ class TimmClassifier(FeatureClassifier):
         width = backbone.num_features
         self.head = make_mlp(width, 2, cfg.head_layers)
         self.projector = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.embed_dim))
+        # Face X-ray (Li et al., 2020): a 1 x 1 convolution on a mid-level feature map learns
+        # where an editing fake was blended into the face. A face swap of any method leaves
+        # such a boundary; learning to draw it makes the backbone look for it, beside the
+        # traces of the training methods. Only training uses the head (its weights travel
+        # with the expert's, so the exported file loads strictly), and forward stays as is.
+        self.boundary_stage = -1
+        if cfg.boundary_loss > 0:
+            self.boundary_stage, channels = boundary_stage(backbone, cfg.model)
+            self.boundary_head = nn.Conv2d(channels, 1, kernel_size=1)
+            self.learns_boundaries = True
 
     def features(self, x):
         return self.backbone(self.network_input(x))
+
+    def training_loss(self, x, y, loss_cfg, boundaries=None):
+        if boundaries is None:
+            return super().training_loss(x, y, loss_cfg)
+        final, (stage,) = self.backbone.forward_intermediates(self.network_input(x), indices=[self.boundary_stage])
+        total, logs = self.losses_of_features(x, y, self.backbone.forward_head(final), loss_cfg)
+        boundary = boundary_loss(self.boundary_head(stage), boundaries)
+        logs["boundary"] = boundary.item()
+        return total + self.cfg.boundary_loss * boundary, logs
 
     def gradcam_layer(self) -> nn.Module | None:
         """The module of the backbone's last feature stage in timm's `feature_info` (e.g.
         `stages.3` of a ConvNeXt, `layer4` of a ResNet, `blocks.6` of an EfficientNet)."""
         return last_feature_stage(self.backbone)
+
+
+def boundary_stage(backbone: nn.Module, model: str) -> tuple[int, int]:
+    """(index, channels) in timm's `feature_info` of the first stage at BOUNDARY_REDUCTION or
+    coarser: fine enough to draw a boundary (16 x 16 at 128 px), deep enough to be learned."""
+    info = getattr(backbone, "feature_info", None)
+    if not info or not hasattr(backbone, "forward_intermediates"):
+        raise ConfigError(f"boundary_loss: the timm model {model!r} exposes no intermediate feature maps")
+    stages = info if isinstance(info, list) else info.get_dicts()
+    index = next((i for i, s in enumerate(stages) if s["reduction"] >= BOUNDARY_REDUCTION), len(stages) - 1)
+    return index, stages[index]["num_chs"]
 
 
 def last_feature_stage(backbone: nn.Module) -> nn.Module | None:

@@ -4,8 +4,7 @@
 
 For each name in `experts`, `train_expert` runs five steps:
 
-    build_run        the expert from its config, its data (data_prep.loaders), AdamW, a warm-up +
-                     cosine schedule, EMA weights
+    build_run        the expert, its data (data_prep.loaders), AdamW, warm-up + cosine, EMA weights
     resume_run       with resume=true, continue from runs/<name>/checkpoint.pt to the same result
     train_one_epoch  every epoch; then
     validate         AUC with both the raw and the EMA weights, keep the best EMA weights (with
@@ -69,8 +68,8 @@ class TrainStep(nn.Module):
         super().__init__()
         self.expert, self.loss_cfg = expert, loss_cfg
 
-    def forward(self, x, y):
-        return self.expert.training_loss(x, y, self.loss_cfg)
+    def forward(self, x, y, *boundaries):  # the blending boundaries, for an expert that learns them
+        return self.expert.training_loss(x, y, self.loss_cfg, *boundaries)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -160,7 +159,8 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
     train_samples = expert.training_samples(splits)
     reals_only = expert.trains_on_real_only  # then: no editing fake, no class balance to draw
     train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True, patch_size=ecfg.patch_size,
-                                online_fakes=0.0 if reals_only else None, fake_ops=ecfg.online_fake_ops)
+                                online_fakes=0.0 if reals_only else None, fake_ops=ecfg.online_fake_ops,
+                                boundaries=expert.learns_boundaries)
     # A reals-only valset (training on reals + editing fakes) is validated on its reals and
     # an editing fake of each: model selection never sees a fake of the data set.
     val_real_only = all(s.target == 0 for s in splits["valset"])
@@ -224,10 +224,10 @@ def train_one_epoch(run: ExpertRun, epoch: int, rt: Runtime) -> dict:
     run.optimizer.zero_grad(set_to_none=True)  # a partial accumulation must not leak into this epoch
     epoch_start, sums, n_batches, n_images = time.time(), {}, 0, 0
     bar = tqdm(run.train_loader, desc=f"{run.name} {epoch + 1}/{run.epochs}", disable=not run.show, leave=False)
-    for step, (x, y) in enumerate(bar):
+    for step, (x, y, *boundaries) in enumerate(bar):
         x, y = to_input(x, rt.device, cfg.train.channels_last), y.to(rt.device)
         with autocast(rt.device, run.amp_dtype):
-            loss, logs = run.step_module(x, y)
+            loss, logs = run.step_module(x, y, *(b.to(rt.device) for b in boundaries))
         run.scaler.scale(loss / cfg.train.grad_accum).backward()
         if (step + 1) % cfg.train.grad_accum == 0:
             run.scaler.unscale_(run.optimizer)

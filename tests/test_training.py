@@ -16,11 +16,13 @@ from helpers import cpu_run_overrides, tiny_overrides
 
 # ---------------------------------------------------------------- resume
 
-@pytest.mark.parametrize("extra", [[], ["train.grad_accum=3"], ["expert.convnext.swa_fraction=0.7"]],
-                         ids=["plain", "grad_accum3", "swa"])
+@pytest.mark.parametrize("extra", [[], ["train.grad_accum=3"], ["expert.convnext.swa_fraction=0.7"],
+                                   ["expert.convnext.boundary_loss=1", "data.online_fakes=0.5"]],
+                         ids=["plain", "grad_accum3", "swa", "boundary"])
 def test_resume_equals_uninterrupted(demo_root, tmp_path, crop_cache, extra):
     """4 batches per epoch; with grad_accum=3 an epoch ends inside an accumulation window; with
-    swa the run stops inside the averaged epochs (2 and 3)."""
+    swa the run stops inside the averaged epochs (2 and 3); with boundary the expert also learns
+    the editing fakes' blending boundaries (its head is part of the exported weights)."""
     common = ["experts=convnext", "train.epochs=3", "data.num_workers=0"] + extra
     run_a = tiny_overrides(tmp_path / "a", epochs=3, cache_dir=crop_cache) + common
     run_b = tiny_overrides(tmp_path / "b", epochs=3, cache_dir=crop_cache) + common
@@ -62,6 +64,8 @@ def test_resume_equals_uninterrupted(demo_root, tmp_path, crop_cache, extra):
     for ra, rb in zip(ha, hb):
         for key in ("train_loss", "val_auc", "val_auc_ema", "lr"):
             assert ra[key] == rb[key], (ra["epoch"], key)
+    boundary = "expert.convnext.boundary_loss=1" in extra
+    assert ("train_boundary" in ha[0]) == boundary and any(k.startswith("boundary_head.") for k in a) == boundary
 
     # resuming a finished run trains nothing more and exports the same weights again
     with mock.patch.object(experts_train, "save_checkpoint", side_effect=AssertionError("trained again")):
@@ -103,10 +107,13 @@ def test_swa_exports_the_mean_of_the_last_epochs_with_batchnorm_measured_again(d
     assert all(int(exported[k.replace("running_mean", "num_batches_tracked")]) == batches for k in means)
 
 
-def test_swa_fraction_outside_0_1_stops_before_reading_any_data(tmp_path, capsys):
-    assert experts_train.main([str(tmp_path / "no_data"), "expert.resnet.swa_fraction=1.5"]) == 2
+@pytest.mark.parametrize("setting,message", [("expert.resnet.swa_fraction=1.5", "swa_fraction: 1.5 is not a fraction"),
+                                             ("expert.resnet.boundary_loss=-1", "boundary_loss: -1.0 is negative"),
+                                             ("expert.forensic.boundary_loss=1", "boundary_loss: the 'forensic'")])
+def test_a_bad_weighting_setting_stops_before_reading_any_data(tmp_path, capsys, setting, message):
+    assert experts_train.main([str(tmp_path / "no_data"), setting]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: expert.resnet.swa_fraction: 1.5 is not a fraction") and err.count("\n") == 1
+    assert err.startswith(f"error: expert.{setting.split('.')[1]}.{message}") and err.count("\n") == 1
 
 
 def test_other_experts_train_export_and_reload(demo_root, tmp_path, crop_cache):
