@@ -114,14 +114,15 @@ class FaceCropDataset(Dataset):
         if not self.train:
             return crop_to_tensor(image, self.size), target
         rng = np.random.default_rng(sample_seed(self.seed, self.epoch, i))
-        boundary = np.full(image.shape[:2], -1.0 if target else 0.0, np.float32)
+        # -1: a data set fake's boundary is unknown; a real has none
+        boundary = np.full(image.shape[:2], -1.0 if target else 0.0, np.float32) if self.boundaries else None
         if target == 0 and self.online_fakes > 0 and rng.random() < self.online_fakes:
             image, mask = self.make_fake(i, image, rng)
-            target, boundary = 1, blending_boundary(mask)
+            target, boundary = 1, (blending_boundary(mask) if self.boundaries else None)
         self.augment.set_random_seed(int(rng.integers(2**31)))
-        augmented = self.augment(image=image, mask=boundary) if self.boundaries else self.augment(image=image)
+        augmented = self.augment(image=image) if boundary is None else self.augment(image=image, mask=boundary)
         image = resize_square(augmented["image"], self.size)
-        boundary = resize_square(augmented["mask"], self.size) if self.boundaries else None
+        boundary = None if boundary is None else resize_square(augmented["mask"], self.size)
         if self.patch:  # a native-resolution patch; evaluation sees the whole input
             y0, x0 = rng.integers(0, self.size - self.patch + 1, size=2)
             image = image[y0:y0 + self.patch, x0:x0 + self.patch]
