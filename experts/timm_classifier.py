@@ -66,7 +66,10 @@ class TimmClassifier(FeatureClassifier):
         if cfg.boundary_loss > 0:
             self.boundary_stage, channels = boundary_stage(backbone, cfg.model)
             self.boundary_head = nn.Conv2d(channels, 1, kernel_size=1)
-            self.learns_boundaries = True
+
+    @property
+    def learns_boundaries(self) -> bool:
+        return self.boundary_stage >= 0
 
     def features(self, x):
         return self.backbone(self.network_input(x))
@@ -89,17 +92,22 @@ class TimmClassifier(FeatureClassifier):
 def boundary_stage(backbone: nn.Module, model: str) -> tuple[int, int]:
     """(index, channels) in timm's `feature_info` of the first stage at BOUNDARY_REDUCTION or
     coarser: fine enough to draw a boundary (16 x 16 at 128 px), deep enough to be learned."""
-    info = getattr(backbone, "feature_info", None)
-    if not info or not hasattr(backbone, "forward_intermediates"):
+    stages = feature_stages(backbone)
+    if not stages or not hasattr(backbone, "forward_intermediates"):
         raise ConfigError(f"boundary_loss: the timm model {model!r} exposes no intermediate feature maps")
-    stages = info if isinstance(info, list) else info.get_dicts()
     index = next((i for i, s in enumerate(stages) if s["reduction"] >= BOUNDARY_REDUCTION), len(stages) - 1)
     return index, stages[index]["num_chs"]
 
 
-def last_feature_stage(backbone: nn.Module) -> nn.Module | None:
+def feature_stages(backbone: nn.Module) -> list[dict]:
+    """timm's `feature_info` of the backbone as a list of dicts (module, num_chs, reduction);
+    timm gives a list or a FeatureInfo. Empty for a model without it."""
     info = getattr(backbone, "feature_info", None)
     if not info:
-        return None
-    last = info[-1] if isinstance(info, list) else info.get_dicts()[-1]  # a list, or timm's FeatureInfo
-    return backbone.get_submodule(last["module"])
+        return []
+    return info if isinstance(info, list) else info.get_dicts()
+
+
+def last_feature_stage(backbone: nn.Module) -> nn.Module | None:
+    stages = feature_stages(backbone)
+    return backbone.get_submodule(stages[-1]["module"]) if stages else None
