@@ -136,6 +136,7 @@ class ExpertConfig:
     swa_fraction: float = 0.0      # >0: export the mean of the raw weights of this last fraction of the epochs
                                    # (SWA, BatchNorm statistics measured again), not the best-validated EMA weights
     online_fake_ops: list[str] = field(default_factory=list)  # its training fakes' editing ops; empty = data's
+    augment: dict[str, float] = field(default_factory=dict)   # its own `augment.*` values, e.g. {jpeg: 0.3}
     boundary_loss: float = 0.0     # >0: an auxiliary head learns where the editing fakes were blended (Face X-ray),
                                    # this weight beside the classification losses (timm kind)
     lr: float = 0.0                # 0 = train.lr
@@ -219,6 +220,12 @@ def _merge(obj, updates: dict, prefix: str = ""):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: expected a mapping")
             _merge(current, value, path + ".")
+        elif typing.get_origin(typ) is dict and typing.get_args(typ)[1] is not ExpertConfig:
+            # a mapping of settings (expert.<name>.augment): its values cast, merged key by key
+            if not isinstance(value or {}, dict):
+                raise ConfigError(f"{path}: expected a mapping of settings, got {value!r}")
+            value_type = typing.get_args(typ)[1]
+            current.update({k: _cast(v, value_type, f"{path}.{k}") for k, v in (value or {}).items()})
         elif typing.get_origin(typ) is dict:  # the expert table: name -> ExpertConfig
             if not isinstance(value or {}, dict):
                 raise ConfigError(f"{path}: expected a mapping of expert name -> settings, got {value!r}")
@@ -275,6 +282,15 @@ def load_config(profile: str = DEFAULT_PROFILE, overrides: list[str] | None = No
     if missing:
         raise ConfigError(f"experts {missing} have no `expert.<name>` section; known: {sorted(cfg.expert)}")
     return cfg
+
+
+def augment_of(cfg: Config, expert: ExpertConfig, name: str = "") -> AugmentConfig:
+    """The augmentations an expert trains with: `augment.*`, then its own
+    `expert.<name>.augment` values (ConfigError naming the key for one that is not an
+    augmentation setting)."""
+    augment = dataclasses.replace(cfg.augment)
+    _merge(augment, expert.augment, f"expert.{name or '<name>'}.augment.")
+    return augment
 
 
 def config_from(args, data_root: str | None = None) -> Config:

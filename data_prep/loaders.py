@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from common.runtime import sample_seed
-from configs import Config
+from configs import AugmentConfig, Config
 from data_prep.dataset import Sample
 from data_prep.faces import FaceCropCache
 from data_prep.images import ImageDecodeError
@@ -73,18 +73,20 @@ class FaceCropDataset(Dataset):
     (label 1) on the fly; `online_fakes=0.0` for an expert that must never see a fake.
     With `boundaries` (training only), also each image's blending boundary, 1 x S x S float:
     an editing fake's (`masks.blending_boundary`), 0 for a real, -1 (unknown) for a fake of
-    the data set, transformed with the image."""
+    the data set, transformed with the image. `augment`: an expert's own augmentations
+    (configs.augment_of), else cfg.augment."""
 
     def __init__(self, samples, crops: FaceCropCache, size: int, cfg: Config, train: bool,
                  paired_fakes: bool = False, patch_size: int = 0, online_fakes: float | None = None,
-                 fake_ops: list[str] | None = None, boundaries: bool = False):
+                 fake_ops: list[str] | None = None, boundaries: bool = False,
+                 augment: AugmentConfig | None = None):
         self.samples, self.crops, self.size, self.train = samples, crops, size, train
         self.boundaries = boundaries and train
         # paired_fakes (evaluation of a reals-only split): after the n samples come n editing
         # fakes, one made from each real with a fixed seed, so every epoch sees the same ones.
         self.paired = paired_fakes
         self.seed, self.epoch = cfg.seed, 0
-        self.augment = train_augmentations(cfg.augment, size) if train else None
+        self.augment = train_augmentations(augment or cfg.augment, size) if train else None
         self.online_fakes = (cfg.data.online_fakes if online_fakes is None else online_fakes) if train else 0.0
         # The editing ops of the fakes: `fake_ops` (an expert's own), else data.online_fake_ops,
         # else every default op; a wrong name fails here, not in the first batch.

@@ -34,13 +34,14 @@ import torch.nn.functional as F
 
 from common.errors import ConfigError, UnknownNameError, UserError
 from common.inputs import IMAGENET_MEAN, IMAGENET_STD
-from configs import ExpertConfig, LossConfig
+from configs import Config, ExpertConfig, LossConfig, augment_of
 from experts.losses import classification_losses
 
 EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
 EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
 # Read by the trainer for every kind, so never an error.
-TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "swa_fraction", "lr", "online_fake_ops"})
+TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "swa_fraction", "lr", "online_fake_ops",
+                            "augment"})
 
 
 def register_expert(kind: str, aliases: tuple[str, ...] = ()):
@@ -68,7 +69,8 @@ def expert_class(kind: str) -> type["Expert"]:
 
 def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Expert"]:
     """The class of `cfg.kind`, after checking that every field set away from its default is
-    one that kind reads (that swa_fraction is a fraction, boundary_loss not negative);
+    one that kind reads (that swa_fraction is a fraction, boundary_loss not negative, augment
+    names augmentation settings);
     ConfigError naming the key (`expert.<name>.<field>`) otherwise."""
     cls = expert_class(cfg.kind)
     prefix = f"expert.{name}." if name else ""
@@ -77,6 +79,7 @@ def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Exp
                           "(0 = off, up to 1)")
     if cfg.boundary_loss < 0:
         raise ConfigError(f"{prefix}boundary_loss: {cfg.boundary_loss} is negative (0 = off)")
+    augment_of(Config(), cfg, name)
     defaults = ExpertConfig()
     for field in dataclasses.fields(ExpertConfig):
         if field.name in TRAINER_FIELDS or field.name in cls.config_fields:

@@ -42,7 +42,7 @@ from common.files import atomic_write
 from common.inputs import to_unit_float
 from common.metrics import roc_auc
 from common.runtime import Runtime, mixed_precision, sample_seed, seed_everything, setup_runtime
-from configs import Config, config_from, to_dict
+from configs import Config, augment_of, config_from, to_dict
 from data_prep.dataset import Sample, load_splits, read_extra_reals, summarize
 from data_prep.faces import FaceCropCache
 from data_prep.folds import fold_samples, read_folds
@@ -160,7 +160,7 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
     reals_only = expert.trains_on_real_only  # then: no editing fake, no class balance to draw
     train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True, patch_size=ecfg.patch_size,
                                 online_fakes=0.0 if reals_only else None, fake_ops=ecfg.online_fake_ops,
-                                boundaries=expert.learns_boundaries)
+                                boundaries=expert.learns_boundaries, augment=augment_of(cfg, ecfg, name))
     # A reals-only valset (training on reals + editing fakes) is validated on its reals and
     # an editing fake of each: model selection never sees a fake of the data set.
     val_real_only = all(s.target == 0 for s in splits["valset"])

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from configs import CONFIG_DIR, Config, ConfigError, ExpertConfig, from_dict, load_config, to_dict
+from configs import CONFIG_DIR, Config, ConfigError, ExpertConfig, augment_of, from_dict, load_config, to_dict
 
 
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])
@@ -130,6 +130,30 @@ def test_wildcard_sets_a_key_on_every_expert_defined_so_far():
     assert cfg.expert["late"].epochs == 0 and cfg.expert["resnet"].model == "resnet10t"
     with pytest.raises(ConfigError, match=r"expert\.\w+\.epochz"):
         load_config("cpu", ["expert.*.epochz=2"])
+
+
+def test_an_expert_augments_with_its_own_values_over_the_shared_ones():
+    cfg = load_config("cpu", ["augment.color=0.5", "expert.convnext.augment.jpeg=0.7",
+                              "expert.convnext.augment.jpeg_quality_min=70", "expert.convnext.augment={blur: 0.2}"])
+    assert cfg.expert["convnext"].augment == {"jpeg": 0.7, "jpeg_quality_min": 70.0, "blur": 0.2}  # merged key by key
+    own = augment_of(cfg, cfg.expert["convnext"], "convnext")
+    assert (own.jpeg, own.blur, own.color) == (0.7, 0.2, 0.5)
+    assert isinstance(own.jpeg_quality_min, int) and own.jpeg_quality_min == 70
+    assert augment_of(cfg, cfg.expert["clip"], "clip") == cfg.augment  # no values of its own: the shared ones
+    assert cfg.augment.jpeg == 0.0  # the shared values are not touched
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override,named", [
+    ("expert.convnext.augment.jpg=0.3", "expert.convnext.augment.jpg"),
+    ("expert.convnext.augment.jpeg=often", "expert.convnext.augment.jpeg"),
+    ("expert.convnext.augment=3", "expert.convnext.augment"),
+])
+def test_a_bad_expert_augmentation_is_an_error_naming_it(override, named):
+    from experts.base import check_expert_config
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        cfg = load_config("cpu", [override])
+        check_expert_config(cfg.expert["convnext"], "convnext")  # the trainer's check before any data is read
 
 
 def test_overrides_apply_in_order():

@@ -208,6 +208,37 @@ def test_an_expert_makes_its_own_editing_fakes(demo_root, tmp_path, crop_cache, 
                         fake_ops=cfg.expert["forensic"].online_fake_ops)
 
 
+def test_an_expert_trains_with_its_own_augmentations(demo_root, tmp_path, crop_cache, monkeypatch):
+    """expert.<name>.augment values replace the shared augment.* ones for that expert's
+    training crops; the other experts keep the shared ones."""
+    import dataclasses
+
+    import data_prep.loaders as loaders
+    from configs import load_config
+    from data_prep.dataset import load_splits
+    from data_prep.faces import FaceCropCache
+
+    cfg = load_config("cpu", ["face.crop_size=48", "data.cache_dir=", "data.online_fakes=0", "augment.hflip=0",
+                              "augment.color=0"])
+    samples, crops = load_splits(demo_root)["trainset"][:2], FaceCropCache(cfg.face, None)
+    plain = FaceCropDataset(samples, crops, 48, cfg, train=True)
+    flipped = FaceCropDataset(samples, crops, 48, cfg, train=True, augment=dataclasses.replace(cfg.augment, hflip=1.0))
+    assert torch.equal(flipped[0][0], plain[0][0].flip(-1))
+
+    used, original = [], loaders.train_augmentations
+
+    def recording(augment, size):
+        used.append(augment)
+        return original(augment, size)
+
+    monkeypatch.setattr(loaders, "train_augmentations", recording)
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="forensic,mesonet", cache_dir=crop_cache) + [
+        "expert.forensic.epochs=1", "expert.mesonet.epochs=1", "data.fake_masks=ellipse", "augment.jpeg=0",
+        "expert.mesonet.augment.jpeg=1.0", "expert.mesonet.augment.jpeg_quality_min=80"]
+    assert experts_train.main([str(demo_root), *overrides]) == 0
+    assert [(a.jpeg, a.jpeg_quality_min) for a in used] == [(0.0, 60), (1.0, 80)]  # forensic's, then mesonet's
+
+
 def test_training_on_a_cluster_fold(demo_root, tmp_path, crop_cache):
     from data_prep.dataset import load_splits
     from data_prep.folds import fold_samples, random_folds, write_folds
