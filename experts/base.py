@@ -79,7 +79,7 @@ def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Exp
                           "(0 = off, up to 1)")
     if cfg.boundary_loss < 0:
         raise ConfigError(f"{prefix}boundary_loss: {cfg.boundary_loss} is negative (0 = off)")
-    augment_of(Config(), cfg, name)
+    augment_of(Config(), cfg, name)  # its augment keys must name augmentation settings
     defaults = ExpertConfig()
     for field in dataclasses.fields(ExpertConfig):
         if field.name in TRAINER_FIELDS or field.name in cls.config_fields:
