@@ -65,6 +65,7 @@ class AugmentConfig:
     noise: float = 0.1
     jpeg: float = 0.3
     jpeg_quality_min: int = 60
+    cutout: float = 0.0            # probability of blacking out one facial part along the 68 landmarks
 
 
 @dataclass

@@ -86,7 +86,9 @@ class FaceCropDataset(Dataset):
         # fakes, one made from each real with a fixed seed, so every epoch sees the same ones.
         self.paired = paired_fakes
         self.seed, self.epoch = cfg.seed, 0
-        self.augment = train_augmentations(augment or cfg.augment, size) if train else None
+        augment = augment or cfg.augment
+        self.augment = train_augmentations(augment, size) if train else None
+        self.cutout = augment.cutout if train else 0.0
         self.online_fakes = (cfg.data.online_fakes if online_fakes is None else online_fakes) if train else 0.0
         # The editing ops of the fakes: `fake_ops` (an expert's own), else data.online_fake_ops,
         # else every default op; a wrong name fails here, not in the first batch.
@@ -121,6 +123,8 @@ class FaceCropDataset(Dataset):
         if target == 0 and self.online_fakes > 0 and rng.random() < self.online_fakes:
             image, mask = self.make_fake(i, image, rng)
             target, boundary = 1, (blending_boundary(mask) if self.boundaries else None)
+        if self.cutout > 0 and rng.random() < self.cutout:
+            image = self.cut_out(sample.path, image, rng)
         self.augment.set_random_seed(int(rng.integers(2**31)))
         augmented = self.augment(image=image) if boundary is None else self.augment(image=image, mask=boundary)
         image = resize_square(augmented["image"], self.size)
@@ -132,6 +136,13 @@ class FaceCropDataset(Dataset):
         if boundary is None:
             return to_tensor(image), target
         return to_tensor(image), target, torch.from_numpy(np.ascontiguousarray(boundary))[None]
+
+    def cut_out(self, path, image, rng):
+        """`image` with one facial part blacked out (augment.cutout), located by the crop's
+        68 landmarks; as it is when dlib finds no face in the crop."""
+        from data_prep.landmarks import cutout_face_part
+        points = self.crops.landmarks(path)
+        return image if points is None else cutout_face_part(image, points, rng)
 
     def make_fake(self, i, image, rng):
         """(editing fake of `image`, its blend mask)."""

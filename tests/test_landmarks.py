@@ -84,6 +84,29 @@ def test_every_op_accepts_landmarks(points):
         assert not np.array_equal(fake, FACE), name
 
 
+def test_cutout_blacks_out_one_facial_part(points):
+    """Each part is blacked out where its landmarks are and nowhere far from the face; every
+    part is drawn; the same seed erases the same part."""
+    seen = set()
+    for seed in range(24):
+        erased = lm.cutout_face_part(FACE, points, np.random.default_rng(seed))
+        assert erased.shape == FACE.shape and erased.dtype == np.uint8
+        assert not np.shares_memory(erased, FACE)
+        black = (erased == 0).all(axis=2) & (FACE != 0).any(axis=2)
+        assert black.sum() > 100                                            # a part, not a speck
+        assert not black[:40, :].any() and not black[:, 400:].any()        # far from the face: untouched
+        np.testing.assert_array_equal(erased[~black], FACE[~black])        # nothing else changed
+        for name, part in (("eyes", lm.EYES), ("nose", lm.NOSE), ("mouth", lm.MOUTH)):
+            x, y = points[part].mean(0).round().astype(int)
+            if black[y, x]:
+                seen.add(name)
+        if black.sum() > 0.4 * lm._hull_mask(FACE.shape[:2], points).sum():
+            seen.add("half")
+    assert seen == {"eyes", "nose", "mouth", "half"}
+    np.testing.assert_array_equal(lm.cutout_face_part(FACE, points, np.random.default_rng(5)),
+                                  lm.cutout_face_part(FACE, points, np.random.default_rng(5)))
+
+
 def test_face_crop_cache_keeps_landmarks(tmp_path):
     from PIL import Image
 

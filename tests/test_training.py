@@ -239,6 +239,33 @@ def test_an_expert_trains_with_its_own_augmentations(demo_root, tmp_path, crop_c
     assert [(a.jpeg, a.jpeg_quality_min) for a in used] == [(0.0, 60), (1.0, 80)]  # forensic's, then mesonet's
 
 
+def test_cutout_reaches_the_training_crops(tmp_path):
+    """augment.cutout: 1 blacks out a facial part of every training crop (found by the crop's
+    landmarks), never of a validation crop; 0 leaves the crops as they were."""
+    import skimage.data
+    from PIL import Image
+
+    from configs import load_config
+    from data_prep.dataset import Sample
+    from data_prep.faces import FaceCropCache
+
+    path = tmp_path / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).save(path)
+    samples = [Sample(path, 0)]
+
+    def crop(cutout: float, train: bool = True):
+        cfg = load_config("cpu", ["face.enabled=false", "face.fallback=full", "face.crop_size=256",
+                                  "face.shrink=resize", "data.cache_dir=", "data.online_fakes=0", "augment.hflip=0",
+                                  "augment.color=0", f"augment.cutout={cutout}"])
+        return FaceCropDataset(samples, FaceCropCache(cfg.face, None), 256, cfg, train=train)[0][0]
+
+    plain, erased = crop(0.0), crop(1.0)
+    black = (erased == 0).all(dim=0) & (plain != 0).any(dim=0)
+    assert black.sum() > 100
+    assert torch.equal(erased[:, ~black], plain[:, ~black])
+    assert torch.equal(crop(1.0, train=False), crop(0.0, train=False))
+
+
 def test_training_on_a_cluster_fold(demo_root, tmp_path, crop_cache):
     from data_prep.dataset import load_splits
     from data_prep.folds import fold_samples, random_folds, write_folds
