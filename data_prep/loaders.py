@@ -24,6 +24,7 @@ from configs import AugmentConfig, Config
 from data_prep.dataset import Sample
 from data_prep.faces import FaceCropCache
 from data_prep.images import ImageDecodeError
+from data_prep.landmarks import cutout_face_part
 from data_prep.masks import blending_boundary
 from data_prep.transforms import crop_to_tensor, resize_square, to_tensor, train_augmentations
 
@@ -140,7 +141,6 @@ class FaceCropDataset(Dataset):
     def cut_out(self, path, image, rng):
         """`image` with one facial part blacked out (augment.cutout), located by the crop's
         68 landmarks; as it is when dlib finds no face in the crop."""
-        from data_prep.landmarks import cutout_face_part
         points = self.crops.landmarks(path)
         return image if points is None else cutout_face_part(image, points, rng)
 
