@@ -274,15 +274,22 @@ def default_torch_threads(device: torch.device, workers: int) -> int | None:
     return max(1, cores - workers)
 
 
+def decode_loader(detector: EnsembleDetector, paths: list[Path], batch_size=32, workers=0):
+    """Batches (indices, {size: crops}, failed) of the decoded, face-cropped files, from
+    `workers` processes (none for a single batch, where starting them costs more)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(ImageFiles(paths, detector), batch_size=batch_size, collate_fn=collate_images,
+                      num_workers=workers if len(paths) > batch_size else 0,
+                      pin_memory=detector.device.type == "cuda")
+
+
 def score_files(detector: EnsembleDetector, paths: list[Path], batch_size=32, workers=0, progress=False):
     """Yield (indices, p_fake, features, failed [(index, message)]) batch by batch, with
     decoding and face cropping in `workers` processes overlapping the forward passes."""
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    loader = DataLoader(ImageFiles(paths, detector), batch_size=batch_size, collate_fn=collate_images,
-                        num_workers=workers if len(paths) > batch_size else 0,
-                        pin_memory=detector.device.type == "cuda")
+    loader = decode_loader(detector, paths, batch_size, workers)
     with tqdm(total=len(paths), desc="scoring", unit="img", disable=not progress) as bar:
         for indices, batch, failed in loader:
             p, features = detector.score_crops(batch) if indices else (np.zeros(0), np.zeros((0, 0)))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import quality, speed
+from bench import pipeline_waits, quality, speed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +54,22 @@ def test_speed(tiny, tmp_path):
     c = result["contention"]
     assert c["contended"] in (True, False) and result["contended"] == c["contended"] and c["allowed"]
     assert c["others_cores_before"] is not None and c["others_cores_during"] is not None
+
+
+def test_pipeline_waits(tiny, capsys):
+    """One pass through infer.py's loader with a worker, then the same batches bare: the
+    waits and the forward passes add up to the pass, and every listed copy is scored."""
+    root, weights, _ = tiny
+    code = pipeline_waits.main([str(root / "testset"), "--weights", str(weights), "--copies", "2",
+                                "--batch-size", "8", "--workers", "1", "--threads", "1", "--device", "cpu"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 32 and result["workers"] == 1 and result["threads"] == 1
+    assert 0 < result["first_wait_s"] <= result["wait_s"]
+    assert result["wait_s"] + result["compute_s"] <= result["pipeline_s"] + 1e-3
+    assert result["bare_s"] > 0  # the JSON's seconds are rounded to 1 ms, its ratio computed before
+    rounding = 0.002 / result["pipeline_s"] + 1e-3
+    assert result["ratio"] == pytest.approx(result["bare_s"] / result["pipeline_s"], abs=rounding)
 
 
 def test_contention_verdict():

@@ -50,6 +50,7 @@ BROKEN = {
     "bench.precision": ("-m bench.precision --kind nope --steps 1", ["unknown expert kind 'nope'"]),
     "bench.face_detectors": ("-m bench.face_detectors {d}/no_images", ["no_images", "not a directory"]),
     "bench.onnx_speed": ("-m bench.onnx_speed --repeats 1 train.epoch=3", BAD_KEY),
+    "bench.pipeline_waits": ("-m bench.pipeline_waits {d}/no_images", ["no_images", "no such file or directory"]),
 }
 
 
@@ -92,7 +93,7 @@ def test_experts_train_help_prints_usage():
                                     "data_prep.video", "data_prep.audit", "experts.check_pretrained",
                                     "experts.export_onnx", "infer", "bench.speed", "bench.quality", "bench.ablation",
                                     "bench.generalization", "bench.precision", "bench.face_detectors",
-                                    "bench.onnx_speed"])
+                                    "bench.onnx_speed", "bench.pipeline_waits"])
 def test_every_entry_point_has_help(module, capsys):
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module(module).main(["--help"])
