@@ -142,6 +142,8 @@ class ExpertConfig:
                                    # this weight beside the classification losses (timm kind)
     lr: float = 0.0                # 0 = train.lr
     input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)
+    space_to_depth: int = 1        # timm kind: >1 folds each s x s block of the input (and its residuals) into
+                                   # channels before the backbone: native-resolution pixels at 1/s the size
     trainable: str = "all"         # all | layernorm_head (CLIP: LayerNorm affine + head only)
     head_layers: int = 1           # depth of the MLP head (timm, clip)
     embed_dim: int = 128           # output of the projection head for the NCE loss
