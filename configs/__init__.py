@@ -136,6 +136,8 @@ class ExpertConfig:
     epochs: int = 0                # 0 = train.epochs
     swa_fraction: float = 0.0      # >0: export the mean of the raw weights of this last fraction of the epochs
                                    # (SWA, BatchNorm statistics measured again), not the best-validated EMA weights
+    swa_lr: float = 0.0            # with swa_fraction: anneal to this share of lr before the averaged epochs, then
+                                   # hold it through them (0: the cosine runs to 0 at the last epoch)
     online_fake_ops: list[str] = field(default_factory=list)  # its training fakes' editing ops; empty = data's
     augment: dict[str, float] = field(default_factory=dict)   # its own `augment.*` values, e.g. {jpeg: 0.3}
     boundary_loss: float = 0.0     # >0: an auxiliary head learns where the editing fakes were blended (Face X-ray),

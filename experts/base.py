@@ -40,8 +40,8 @@ from experts.losses import classification_losses
 EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
 EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
 # Read by the trainer for every kind, so never an error.
-TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "swa_fraction", "lr", "online_fake_ops",
-                            "augment"})
+TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "swa_fraction", "swa_lr", "lr",
+                            "online_fake_ops", "augment"})
 
 
 def register_expert(kind: str, aliases: tuple[str, ...] = ()):
@@ -69,7 +69,7 @@ def expert_class(kind: str) -> type["Expert"]:
 
 def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Expert"]:
     """The class of `cfg.kind`, after checking that every field set away from its default is
-    one that kind reads (that swa_fraction is a fraction, boundary_loss not negative, augment
+    one that kind reads (that swa_fraction and swa_lr are fractions, boundary_loss not negative, augment
     names augmentation settings);
     ConfigError naming the key (`expert.<name>.<field>`) otherwise."""
     cls = expert_class(cfg.kind)
@@ -77,6 +77,9 @@ def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Exp
     if not 0 <= cfg.swa_fraction <= 1:
         raise ConfigError(f"{prefix}swa_fraction: {cfg.swa_fraction} is not a fraction of the epochs "
                           "(0 = off, up to 1)")
+    if not 0 <= cfg.swa_lr <= 1 or (cfg.swa_lr > 0 and cfg.swa_fraction == 0):
+        raise ConfigError(f"{prefix}swa_lr: {cfg.swa_lr} must be a share of lr (0 = off, up to 1), "
+                          "and needs swa_fraction > 0")
     if cfg.boundary_loss < 0:
         raise ConfigError(f"{prefix}boundary_loss: {cfg.boundary_loss} is negative (0 = off)")
     augment_of(Config(), cfg, name)  # its augment keys must name augmentation settings

@@ -6,6 +6,9 @@ weights of the best-validated epoch. The mean of the weights a decaying learning
 lies in a flatter region than any one of them, and no epoch is picked on a validation set of
 the training methods, which favours what memorises them. The averaged weights never ran
 forward, so BatchNorm's statistics are measured again for them on the training crops.
+With `expert.<name>.swa_lr: r` the cosine schedule reaches r times the learning rate where
+the averaged epochs begin and holds it through them, as Izmailov et al. do, so that they
+visit more different weights than a rate decaying to 0 lets them (experts/train.py).
 """
 from __future__ import annotations
 

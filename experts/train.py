@@ -72,12 +72,14 @@ class TrainStep(nn.Module):
         return self.expert.training_loss(x, y, self.loss_cfg, *boundaries)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
+def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.0):
+    """The learning rate's factor per step: linear warm-up, then a cosine from 1 down to
+    `floor` at `total_steps`, where it stays (a constant rate for the steps after)."""
     def factor(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
 
 
@@ -186,15 +188,20 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
 
     optimizer = torch.optim.AdamW(params, lr=ecfg.lr or cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = max(1, len(train_loader) // cfg.train.grad_accum)
+    averaged = swa_epochs(ecfg.swa_fraction, epochs)
+    # swa_lr: anneal to that share of the rate before the averaged epochs, then hold it, so
+    # that they visit different weights (Izmailov et al.); else the cosine runs to 0 at the end.
+    annealed = epochs - averaged if ecfg.swa_lr > 0 and averaged else epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        epochs * steps_per_epoch, round(cfg.train.warmup_epochs * steps_per_epoch)))
+        annealed * steps_per_epoch, round(cfg.train.warmup_epochs * steps_per_epoch),
+        floor=ecfg.swa_lr if annealed < epochs else 0.0))
     from torch_ema import ExponentialMovingAverage
     ema = ExponentialMovingAverage(params, decay=cfg.train.ema_decay)
     amp_dtype, use_scaler = mixed_precision(cfg.train.amp, rt.device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     return ExpertRun(name, export_name, cfg, size, epochs, Path(cfg.run_dir) / export_name, show, crops,
                      expert, step_module, train_samples, train_set, sampler, train_loader, val_loader,
-                     params, optimizer, scheduler, ema, scaler, amp_dtype, swa_epochs(ecfg.swa_fraction, epochs))
+                     params, optimizer, scheduler, ema, scaler, amp_dtype, averaged)
 
 
 def resume_run(run: ExpertRun, rt: Runtime) -> None:

@@ -16,12 +16,13 @@ from helpers import cpu_run_overrides, tiny_overrides
 
 # ---------------------------------------------------------------- resume
 
-@pytest.mark.parametrize("extra", [[], ["train.grad_accum=3"], ["expert.convnext.swa_fraction=0.7"],
+@pytest.mark.parametrize("extra", [[], ["train.grad_accum=3"],
+                                   ["expert.convnext.swa_fraction=0.7", "expert.convnext.swa_lr=0.3"],
                                    ["expert.convnext.boundary_loss=1", "data.online_fakes=0.5"]],
                          ids=["plain", "grad_accum3", "swa", "boundary"])
 def test_resume_equals_uninterrupted(demo_root, tmp_path, crop_cache, extra):
     """4 batches per epoch; with grad_accum=3 an epoch ends inside an accumulation window; with
-    swa the run stops inside the averaged epochs (2 and 3); with boundary the expert also learns
+    swa the run stops inside the averaged epochs (2 and 3, at a held rate); with boundary the expert also learns
     the editing fakes' blending boundaries (its head is part of the exported weights)."""
     common = ["experts=convnext", "train.epochs=3", "data.num_workers=0"] + extra
     run_a = tiny_overrides(tmp_path / "a", epochs=3, cache_dir=crop_cache) + common
@@ -85,7 +86,7 @@ def test_swa_exports_the_mean_of_the_last_epochs_with_batchnorm_measured_again(d
         original(run, epoch)
 
     overrides = tiny_overrides(tmp_path, epochs=4, experts="resnet", cache_dir=crop_cache) + [
-        "expert.resnet.swa_fraction=0.5"]
+        "expert.resnet.swa_fraction=0.5", "expert.resnet.swa_lr=0.5", "train.lr=0.004"]
     with mock.patch.object(experts_train, "save_checkpoint", side_effect=keep_raw_weights):
         assert experts_train.main([str(demo_root)] + overrides) == 0
     assert len(raw_states) == 4
@@ -102,12 +103,25 @@ def test_swa_exports_the_mean_of_the_last_epochs_with_batchnorm_measured_again(d
     assert all(not torch.allclose(exported[k], averaged[k]) for k in means)
     training = json.loads((tmp_path / "weights" / MANIFEST).read_text())["experts"]["resnet"]["training"]
     assert training["weights"] == "mean of epochs 3-4" and np.isfinite(training["val_auc"])
+    assert [row["lr"] for row in training["history"][2:]] == pytest.approx([0.002, 0.002])  # held at swa_lr
     # measured in one pass over the training crops (batches of 16), counted from zero
     batches = -(-training["data"]["trainset"]["n"] // 16)
     assert all(int(exported[k.replace("running_mean", "num_batches_tracked")]) == batches for k in means)
 
 
+def test_swa_lr_holds_a_share_of_the_rate_through_the_averaged_epochs():
+    """swa_lr 0.25 with 4 of 10 epochs averaged: warm-up, a cosine down to 0.25 at the end of
+    epoch 6, then 0.25 to the last step; without it the cosine runs to 0 at the last step."""
+    steps, warmup = 10 * 20, 20
+    held = experts_train.warmup_cosine(6 * 20, warmup, floor=0.25)
+    plain = experts_train.warmup_cosine(steps, warmup)
+    assert held(0) == plain(0) == 1 / warmup and held(warmup) == plain(warmup) == 1.0
+    assert 0.25 < held(6 * 20 - 1) < 0.26 and all(held(s) == 0.25 for s in range(6 * 20, steps))
+    assert plain(steps - 1) < 1e-3 and plain(6 * 20) > 0.2
+
+
 @pytest.mark.parametrize("setting,message", [("expert.resnet.swa_fraction=1.5", "swa_fraction: 1.5 is not a fraction"),
+                                             ("expert.forensic.swa_lr=0.3", "swa_lr: 0.3 must be a share of lr"),
                                              ("expert.resnet.boundary_loss=-1", "boundary_loss: -1.0 is negative"),
                                              ("expert.forensic.boundary_loss=1", "boundary_loss: the 'forensic'")])
 def test_a_bad_weighting_setting_stops_before_reading_any_data(tmp_path, capsys, setting, message):
