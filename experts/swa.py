@@ -1,4 +1,4 @@
-"""Stochastic weight averaging (Izmailov et al. 2018) for the one trainer.
+"""Stochastic weight averaging (Izmailov et al. 2018) and the learning-rate schedule for the one trainer.
 
 With `expert.<name>.swa_fraction: f` the trainer keeps the running mean of the raw weights
 after each of the last round(f * epochs) epochs and exports that mean instead of the EMA
@@ -8,13 +8,25 @@ the training methods, which favours what memorises them. The averaged weights ne
 forward, so BatchNorm's statistics are measured again for them on the training crops.
 With `expert.<name>.swa_lr: r` the cosine schedule reaches r times the learning rate where
 the averaged epochs begin and holds it through them, as Izmailov et al. do, so that they
-visit more different weights than a rate decaying to 0 lets them (experts/train.py).
+visit more different weights than a rate decaying to 0 lets them (`warmup_cosine`).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from common.errors import UsageError
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.0):
+    """Linear warm-up, then a cosine from 1 down to `floor` at `total_steps`, held after."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
 
 
 def swa_epochs(fraction: float, epochs: int) -> int:

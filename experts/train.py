@@ -49,7 +49,7 @@ from data_prep.folds import fold_samples, read_folds
 from data_prep.loaders import EpochSampler, FaceCropDataset, cache_face_crops, make_loader
 from experts import Expert, create_expert
 from experts.base import check_expert_config
-from experts.swa import add_to_average, load_average, swa_epochs
+from experts.swa import add_to_average, load_average, swa_epochs, warmup_cosine
 from experts.weights import save_expert
 
 log = logging.getLogger("train")
@@ -70,17 +70,6 @@ class TrainStep(nn.Module):
 
     def forward(self, x, y, *boundaries):  # the blending boundaries, for an expert that learns them
         return self.expert.training_loss(x, y, self.loss_cfg, *boundaries)
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.0):
-    """The learning rate's factor per step: linear warm-up, then a cosine from 1 down to
-    `floor` at `total_steps`, where it stays (a constant rate for the steps after)."""
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 def to_input(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
@@ -188,13 +177,10 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
 
     optimizer = torch.optim.AdamW(params, lr=ecfg.lr or cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = max(1, len(train_loader) // cfg.train.grad_accum)
-    averaged = swa_epochs(ecfg.swa_fraction, epochs)
-    # swa_lr: anneal to that share of the rate before the averaged epochs, then hold it, so
-    # that they visit different weights (Izmailov et al.); else the cosine runs to 0 at the end.
-    annealed = epochs - averaged if ecfg.swa_lr > 0 and averaged else epochs
+    averaged = swa_epochs(ecfg.swa_fraction, epochs)  # swa_lr: the rate held through these (experts/swa.py)
+    annealed = epochs - averaged if ecfg.swa_lr > 0 else epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        annealed * steps_per_epoch, round(cfg.train.warmup_epochs * steps_per_epoch),
-        floor=ecfg.swa_lr if annealed < epochs else 0.0))
+        annealed * steps_per_epoch, round(cfg.train.warmup_epochs * steps_per_epoch), floor=ecfg.swa_lr))
     from torch_ema import ExponentialMovingAverage
     ema = ExponentialMovingAverage(params, decay=cfg.train.ema_decay)
     amp_dtype, use_scaler = mixed_precision(cfg.train.amp, rt.device)

@@ -144,28 +144,6 @@ def test_srm_input_filter_adds_noise_residual_channels(case):
     assert "residuals.kernels" in expert.state_dict()  # saved with the weights
 
 
-def test_space_to_depth_folds_native_pixels_into_channels():
-    """space_to_depth: 2 gives the backbone every native pixel and residual, at half the side."""
-    expert = make("resnet", "test_resnet", input_filter="srm", space_to_depth=2).eval()
-    plain = make("resnet", "test_resnet", input_filter="srm").eval()
-    x, _ = batch()
-    with torch.no_grad():
-        folded = expert.network_input(x)
-        assert folded.shape == (4, 6 * 4, SIZE // 2, SIZE // 2)
-        # lossless: unfolding gives back the RGB + residual input of the plain expert
-        assert torch.equal(torch.nn.functional.pixel_shuffle(folded, 2), plain.network_input(x))
-        assert expert(x).shape == (4, 2)
-    with pytest.raises(ConfigError, match="space_to_depth"):
-        make("resnet", "test_resnet", space_to_depth=3)  # 64 px is not made of 3 x 3 blocks
-
-
-def test_space_to_depth_expert_exports_to_onnx():
-    pytest.importorskip("onnxruntime")
-    from experts.export_onnx import largest_difference, onnx_bytes
-    expert = make("resnet", "test_resnet", input_filter="srm", space_to_depth=2).eval()
-    assert largest_difference(expert, onnx_bytes(expert)) < 1e-4
-
-
 def test_unknown_input_filter_is_refused():
     with pytest.raises(ValueError, match="input_filter"):
         make("resnet", "test_resnet", input_filter="sobel")
