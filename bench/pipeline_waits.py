@@ -71,6 +71,8 @@ def main(argv=None) -> int:
         waits.append(got - asked)
         computes.append(time.perf_counter() - got)
     pipeline_s = time.perf_counter() - start
+    if not batches:
+        raise UsageError(f"{args.image_dir}: none of the {len(files)} images could be read")
 
     bare_start = time.perf_counter()
     for batch in batches:
