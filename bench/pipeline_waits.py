@@ -45,9 +45,11 @@ def main(argv=None) -> int:
         raise UsageError("--copies and --batch-size must be >= 1; --workers and --threads >= 0")
 
     import infer
+    from data_prep.video import is_video_file
     from ensemble.predictor import EnsembleDetector, decode_loader
 
-    files, errors, _ = infer.expand_inputs([str(args.image_dir)])
+    listed, errors, _ = infer.expand_inputs([str(args.image_dir)])
+    files = [p for p in listed if not is_video_file(p)]  # images only, as bench/speed.py times them
     if not files:
         raise UsageError(errors[0] if errors else f"{args.image_dir}: no images")
     paths = files * args.copies
