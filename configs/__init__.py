@@ -131,6 +131,8 @@ class ExpertConfig:
     model: str = "convnext_atto"   # timm model name (timm, clip; dae: its frozen feature CNN)
     pretrained: bool = False       # hub weights (needs network) ...
     pretrained_file: str = ""      # ... or a local .safetensors / .pth file
+    model_args: dict[str, typing.Any] = field(default_factory=dict)  # more keyword arguments of timm.create_model
+                                   # (timm, clip, dae), e.g. {drop_path_rate: 0.1, channels: [32, 64, 128, 256]}
     image_size: int = 0            # 0 = data.image_size
     patch_size: int = 0            # >0: train on random patches of this side (native resolution); whole input at test
     epochs: int = 0                # 0 = train.epochs
@@ -185,6 +187,8 @@ class Config:
 
 def _cast(value, typ, key: str):
     """Cast a YAML/CLI value to the declared type of the field (e.g. '3' -> 3 for an int)."""
+    if typ is typing.Any:  # a value passed through (model_args): as YAML reads it, '0.1' -> 0.1
+        return yaml.safe_load(value) if isinstance(value, str) else value
     origin = typing.get_origin(typ)
     if origin is list:
         (item_type,) = typing.get_args(typ)

@@ -104,24 +104,40 @@ class PretrainedWeightsError(UserError, RuntimeError):
 
 
 def create_backbone(cfg: ExpertConfig, **kwargs) -> nn.Module:
-    """A timm backbone without classifier, from the hub, a local file, or random init."""
+    """A timm backbone without classifier, from the hub, a local file, or random init;
+    `cfg.model_args` go to timm.create_model beside the expert's own `kwargs`."""
+    clash = sorted(set(cfg.model_args) & (set(kwargs) | {"pretrained", "num_classes", "pretrained_cfg_overlay"}))
+    if clash:
+        raise ConfigError(f"model_args {clash}: set by the expert itself, not settable here")
+    kwargs = {**kwargs, **cfg.model_args}
     if cfg.pretrained_file:
         path = Path(cfg.pretrained_file)
         if not path.is_file():
             raise PretrainedWeightsError(f"{path}: pretrained_file not found")
         # timm reads .safetensors directly, and .pth/.bin with torch.load(weights_only=True).
-        return timm.create_model(cfg.model, pretrained=True, num_classes=0,
-                                 pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        return _create_model(cfg, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     if cfg.pretrained:
         try:
-            return timm.create_model(cfg.model, pretrained=True, num_classes=0, **kwargs)
+            return _create_model(cfg, pretrained=True, **kwargs)
+        except ConfigError:
+            raise
         except Exception as err:  # offline, unknown tag, ...: one clear line, no retry loop
             hint = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
             raise PretrainedWeightsError(
                 f"cannot load pretrained weights for {cfg.model!r}{hint}: {type(err).__name__}: "
                 f"{str(err).splitlines()[0][:200]}. Use pretrained_file=PATH or pretrained=false."
             ) from None
-    return timm.create_model(cfg.model, pretrained=False, num_classes=0, **kwargs)
+    return _create_model(cfg, pretrained=False, **kwargs)
+
+
+def _create_model(cfg: ExpertConfig, **kwargs) -> nn.Module:
+    try:
+        return timm.create_model(cfg.model, num_classes=0, **kwargs)
+    except TypeError as err:  # a model_args key the architecture does not take
+        if not cfg.model_args:
+            raise
+        raise ConfigError(f"model_args {cfg.model_args}: not accepted by timm model {cfg.model!r} "
+                          f"({str(err).splitlines()[0][:200]})") from None
 
 
 class Expert(nn.Module):

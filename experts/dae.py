@@ -33,7 +33,7 @@ def conv_block(cin, cout, stride=1):
 
 @register_expert("dae")
 class DenoisingAutoencoderExpert(Expert):
-    config_fields = frozenset({"model", "pretrained", "pretrained_file", "score_weights", "noise_std"})
+    config_fields = frozenset({"model", "model_args", "pretrained", "pretrained_file", "score_weights", "noise_std"})
     trains_on_real_only = True
 
     def __init__(self, cfg: ExpertConfig, image_size: int):

@@ -35,8 +35,8 @@ from experts.base import (
 )
 from experts.losses import boundary_loss
 
-TIMM_FIELDS = frozenset({"model", "pretrained", "pretrained_file", "input_filter", "space_to_depth", "head_layers",
-                         "embed_dim", "drop_rate", "boundary_loss"})
+TIMM_FIELDS = frozenset({"model", "model_args", "pretrained", "pretrained_file", "input_filter", "space_to_depth",
+                         "head_layers", "embed_dim", "drop_rate", "boundary_loss"})
 BOUNDARY_REDUCTION = 8  # the boundary head reads the first feature stage at 1/8 of the input or coarser
 
 
