@@ -145,6 +145,7 @@ class ExpertConfig:
     boundary_loss: float = 0.0     # >0: an auxiliary head learns where the editing fakes were blended (Face X-ray),
                                    # this weight beside the classification losses (timm kind)
     lr: float = 0.0                # 0 = train.lr
+    validate_every: int = 1        # validate every n-th epoch and the last (the best EMA epoch is one of them)
     input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)
     space_to_depth: int = 1        # timm kind: >1 folds each s x s block of the input (and its residuals) into
                                    # channels before the backbone: native-resolution pixels at 1/s the size

@@ -41,7 +41,7 @@ EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
 EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
 # Read by the trainer for every kind, so never an error.
 TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "swa_fraction", "swa_lr", "lr",
-                            "online_fake_ops", "augment"})
+                            "validate_every", "online_fake_ops", "augment"})
 
 
 def register_expert(kind: str, aliases: tuple[str, ...] = ()):
@@ -80,6 +80,8 @@ def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Exp
     if not 0 <= cfg.swa_lr <= 1 or (cfg.swa_lr > 0 and cfg.swa_fraction == 0):
         raise ConfigError(f"{prefix}swa_lr: {cfg.swa_lr} must be a share of lr (0 = off, up to 1), "
                           "and needs swa_fraction > 0")
+    if cfg.validate_every < 1:
+        raise ConfigError(f"{prefix}validate_every: {cfg.validate_every} must be 1 (every epoch) or more")
     if cfg.boundary_loss < 0:
         raise ConfigError(f"{prefix}boundary_loss: {cfg.boundary_loss} is negative (0 = off)")
     augment_of(Config(), cfg, name)  # its augment keys must name augmentation settings

@@ -245,22 +245,26 @@ def train_one_epoch(run: ExpertRun, epoch: int, rt: Runtime) -> dict:
 
 def validate(run: ExpertRun, row: dict, epoch_start: float, rt: Runtime) -> None:
     """Validation AUC of the raw and the EMA weights into `row`, appended to the history; the
-    EMA weights are kept as the best when their AUC is the best so far (rank 0 only)."""
+    EMA weights are kept as the best when their AUC is the best so far (rank 0 only). Only every
+    `validate_every`-th epoch and the last are validated: the others log their loss alone."""
     cfg, expert = run.cfg, run.expert
-    p_raw, y_val = predict(expert, run.val_loader, rt.device, cfg.train.channels_last, run.amp_dtype, run.show)
-    with torch.no_grad(), run.ema.average_parameters():  # no_grad: torch-ema's state breaks otherwise
-        p_ema, _ = predict(expert, run.val_loader, rt.device, cfg.train.channels_last, run.amp_dtype, run.show)
-        ema_state = {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}
-    row.update(val_auc=safe_auc(y_val, p_raw), val_auc_ema=safe_auc(y_val, p_ema),
-               seconds=time.time() - epoch_start)
-    if run.best["state"] is None or row["val_auc_ema"] > run.best["auc"] or math.isnan(run.best["auc"]):
-        run.best = {"auc": row["val_auc_ema"], "epoch": row["epoch"], "state": ema_state}
+    if row["epoch"] % cfg.expert_config(run.name).validate_every and row["epoch"] < run.epochs:
+        p_raw = p_ema = y_val = None
+    else:
+        p_raw, y_val = predict(expert, run.val_loader, rt.device, cfg.train.channels_last, run.amp_dtype, run.show)
+        with torch.no_grad(), run.ema.average_parameters():  # no_grad: torch-ema's state breaks otherwise
+            p_ema, _ = predict(expert, run.val_loader, rt.device, cfg.train.channels_last, run.amp_dtype, run.show)
+            ema_state = {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}
+        row.update(val_auc=safe_auc(y_val, p_raw), val_auc_ema=safe_auc(y_val, p_ema))
+        if run.best["state"] is None or row["val_auc_ema"] > run.best["auc"] or math.isnan(run.best["auc"]):
+            run.best = {"auc": row["val_auc_ema"], "epoch": row["epoch"], "state": ema_state}
+    row["seconds"] = time.time() - epoch_start
     if row["epoch"] > run.epochs - run.swa_epochs:
         add_to_average(run.swa, expert.state_dict())
     run.history.append(row)
-    log.info("%s epoch %d/%d  loss %.4f  val AUC %.4f (EMA %.4f)  %.0f img/s  %.0fs", run.name, row["epoch"],
-             run.epochs, row["train_loss"], row["val_auc"], row["val_auc_ema"],
-             row["train_images_per_s"], row["seconds"])
+    validated = f"val AUC {row['val_auc']:.4f} (EMA {row['val_auc_ema']:.4f})" if "val_auc" in row else "not validated"
+    log.info("%s epoch %d/%d  loss %.4f  %s  %.0f img/s  %.0fs", run.name, row["epoch"], run.epochs,
+             row["train_loss"], validated, row["train_images_per_s"], row["seconds"])
 
 
 def export(run: ExpertRun, rt: Runtime, splits: dict, started: float) -> dict:

@@ -57,3 +57,19 @@ def test_swa_lr_holds_a_share_of_the_rate_through_the_averaged_epochs():
     assert held(0) == plain(0) == 1 / warmup and held(warmup) == plain(warmup) == 1.0
     assert 0.25 < held(6 * 20 - 1) < 0.26 and all(held(s) == 0.25 for s in range(6 * 20, steps))
     assert plain(steps - 1) < 1e-3 and plain(6 * 20) > 0.2
+
+
+def test_validating_every_second_epoch_exports_the_same_average(demo_root, tmp_path, crop_cache):
+    """validate_every 2 of 3 epochs validates epochs 2 and 3 (the last) and only logs epoch 1's
+    loss; validation takes no randomness from training, so the averaged weights are the same."""
+    exported = {}
+    for every in (1, 2):
+        overrides = tiny_overrides(tmp_path / str(every), epochs=3, experts="resnet", cache_dir=crop_cache) + [
+            "expert.resnet.swa_fraction=0.5", f"expert.resnet.validate_every={every}"]
+        assert experts_train.main([str(demo_root)] + overrides) == 0
+        weights = tmp_path / str(every) / "weights"
+        exported[every] = load_file(str(weights / "resnet.safetensors"))
+        history = json.loads((weights / MANIFEST).read_text())["experts"]["resnet"]["training"]["history"]
+        assert [("val_auc" in row) for row in history] == ([True] * 3 if every == 1 else [False, True, True])
+    assert exported[1].keys() == exported[2].keys()
+    assert all(torch.equal(exported[1][k], exported[2][k]) for k in exported[1])
