@@ -248,9 +248,7 @@ def validate(run: ExpertRun, row: dict, epoch_start: float, rt: Runtime) -> None
     EMA weights are kept as the best when their AUC is the best so far (rank 0 only). Only every
     `validate_every`-th epoch and the last are validated: the others log their loss alone."""
     cfg, expert = run.cfg, run.expert
-    if row["epoch"] % cfg.expert_config(run.name).validate_every and row["epoch"] < run.epochs:
-        p_raw = p_ema = y_val = None
-    else:
+    if row["epoch"] % cfg.expert_config(run.name).validate_every == 0 or row["epoch"] == run.epochs:
         p_raw, y_val = predict(expert, run.val_loader, rt.device, cfg.train.channels_last, run.amp_dtype, run.show)
         with torch.no_grad(), run.ema.average_parameters():  # no_grad: torch-ema's state breaks otherwise
             p_ema, _ = predict(expert, run.val_loader, rt.device, cfg.train.channels_last, run.amp_dtype, run.show)
