@@ -126,6 +126,7 @@ class ExpertRun:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     swa_epochs: int = 0        # >0: export the mean of the raw weights of the last swa_epochs epochs (swa_fraction)
+    validate_every: int = 1    # validate every n-th epoch and the last
     start_epoch: int = 0
     history: list[dict] = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=lambda: {"auc": -1.0, "epoch": -1, "state": None})
@@ -187,7 +188,7 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     return ExpertRun(name, export_name, cfg, size, epochs, Path(cfg.run_dir) / export_name, show, crops,
                      expert, step_module, train_samples, train_set, sampler, train_loader, val_loader,
-                     params, optimizer, scheduler, ema, scaler, amp_dtype, averaged)
+                     params, optimizer, scheduler, ema, scaler, amp_dtype, averaged, ecfg.validate_every)
 
 
 def resume_run(run: ExpertRun, rt: Runtime) -> None:
@@ -248,7 +249,7 @@ def validate(run: ExpertRun, row: dict, epoch_start: float, rt: Runtime) -> None
     EMA weights are kept as the best when their AUC is the best so far (rank 0 only). Only every
     `validate_every`-th epoch and the last are validated: the others log their loss alone."""
     cfg, expert = run.cfg, run.expert
-    if row["epoch"] % cfg.expert_config(run.name).validate_every == 0 or row["epoch"] == run.epochs:
+    if row["epoch"] % run.validate_every == 0 or row["epoch"] == run.epochs:
         p_raw, y_val = predict(expert, run.val_loader, rt.device, cfg.train.channels_last, run.amp_dtype, run.show)
         with torch.no_grad(), run.ema.average_parameters():  # no_grad: torch-ema's state breaks otherwise
             p_ema, _ = predict(expert, run.val_loader, rt.device, cfg.train.channels_last, run.amp_dtype, run.show)

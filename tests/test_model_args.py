@@ -22,7 +22,7 @@ def test_model_args_overrides_keep_yaml_types():
     assert load_config("cpu").expert_config("resnet").model_args == {}
 
 
-def test_narrower_backbone_trains_exports_and_loads_back_strictly(tmp_path):
+def test_narrower_backbone_exports_and_loads_back_strictly(tmp_path):
     torch.manual_seed(0)
     ecfg = ExpertConfig(kind="resnet", model="test_resnet", input_filter="srm", model_args={"channels": NARROW})
     expert = create_expert(ecfg, 64)
