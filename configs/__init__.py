@@ -27,6 +27,7 @@ from common.errors import ConfigError, UnknownNameError
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_PROFILE = "cpu"
+KL_VIEWS = ("noise", "dropout")  # loss.kl_view
 EVERY_EXPERT = "*"  # expert.*.pretrained=false sets the key on every expert defined so far
 
 
@@ -74,6 +75,8 @@ class LossConfig:
     label_smoothing: float = 0.0
     kl: float = 0.0                # weight of KL(p(x) || p(x + noise)) consistency
     kl_noise_std: float = 0.05     # std of the Gaussian noise added to the [0, 1] input (before normalisation)
+    kl_view: str = "noise"         # what the KL term compares: noise (x vs x + noise) | dropout (two dropout
+                                   # draws on x, R-Drop: the expert needs dropout or drop path)
     nce: float = 0.0               # weight of the supervised contrastive (InfoNCE) loss
     nce_temperature: float = 0.1
 
@@ -142,6 +145,7 @@ class ExpertConfig:
                                    # hold it through them (0: the cosine runs to 0 at the last epoch)
     online_fake_ops: list[str] = field(default_factory=list)  # its training fakes' editing ops; empty = data's
     augment: dict[str, float] = field(default_factory=dict)   # its own `augment.*` values, e.g. {jpeg: 0.3}
+    loss: dict[str, typing.Any] = field(default_factory=dict)  # its own `loss.*` values, e.g. {kl: 1.0}
     boundary_loss: float = 0.0     # >0: an auxiliary head learns where the editing fakes were blended (Face X-ray),
                                    # this weight beside the classification losses (timm kind)
     lr: float = 0.0                # 0 = train.lr
@@ -288,6 +292,7 @@ def load_config(profile: str = DEFAULT_PROFILE, overrides: list[str] | None = No
     cfg.profile = path.stem
     for update in parse_overrides(overrides or []):
         _merge(cfg, update)
+    loss_of(cfg, ExpertConfig())  # the shared loss settings, before anything runs
     missing = [e for e in cfg.experts if e not in cfg.expert]
     if missing:
         raise ConfigError(f"experts {missing} have no `expert.<name>` section; known: {sorted(cfg.expert)}")
@@ -301,6 +306,17 @@ def augment_of(cfg: Config, expert: ExpertConfig, name: str = "") -> AugmentConf
     augment = dataclasses.replace(cfg.augment)
     _merge(augment, expert.augment, f"expert.{name or '<name>'}.augment.")
     return augment
+
+
+def loss_of(cfg: Config, expert: ExpertConfig, name: str = "") -> LossConfig:
+    """The losses an expert trains with: `loss.*`, then its own `expert.<name>.loss` values
+    (ConfigError naming the key for one that is not a loss setting, or a kl_view not known)."""
+    loss = dataclasses.replace(cfg.loss)
+    _merge(loss, expert.loss, f"expert.{name or '<name>'}.loss.")
+    if loss.kl_view not in KL_VIEWS:
+        key = f"expert.{name or '<name>'}.loss.kl_view" if "kl_view" in expert.loss else "loss.kl_view"
+        raise ConfigError(f"{key}: {loss.kl_view!r} is not one of {list(KL_VIEWS)}")
+    return loss
 
 
 def config_from(args, data_root: str | None = None) -> Config:

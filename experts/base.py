@@ -34,14 +34,14 @@ import torch.nn.functional as F
 
 from common.errors import ConfigError, UnknownNameError, UserError
 from common.inputs import IMAGENET_MEAN, IMAGENET_STD
-from configs import Config, ExpertConfig, LossConfig, augment_of
-from experts.losses import classification_losses
+from configs import Config, ExpertConfig, LossConfig, augment_of, loss_of
+from experts.losses import classification_losses, has_dropout
 
 EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
 EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
 # Read by the trainer for every kind, so never an error.
 TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "swa_fraction", "swa_lr", "lr",
-                            "validate_every", "online_fake_ops", "augment"})
+                            "validate_every", "online_fake_ops", "augment", "loss"})
 
 
 def register_expert(kind: str, aliases: tuple[str, ...] = ()):
@@ -85,6 +85,7 @@ def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Exp
     if cfg.boundary_loss < 0:
         raise ConfigError(f"{prefix}boundary_loss: {cfg.boundary_loss} is negative (0 = off)")
     augment_of(Config(), cfg, name)  # its augment keys must name augmentation settings
+    loss_of(Config(), cfg, name)     # and its loss keys loss settings
     defaults = ExpertConfig()
     for field in dataclasses.fields(ExpertConfig):
         if field.name in TRAINER_FIELDS or field.name in cls.config_fields:
@@ -253,17 +254,26 @@ class FeatureClassifier(Expert):
     def training_loss(self, x, y, loss_cfg: LossConfig):
         return self.losses_of_features(x, y, self.features(x), loss_cfg)
 
-    def losses_of_features(self, x, y, feats, loss_cfg: LossConfig):
+    def losses_of_features(self, x, y, feats, loss_cfg: LossConfig, redraw_features=None):
+        """The losses of `feats` = features(x). `redraw_features()`, when given, computes them
+        again under new dropout masks more cheaply than `features(x)` (fixed statistics)."""
         logits = self.head(feats)
-        # The noisy copy only matters for the KL term; skip its forward pass otherwise.
-        noisy_logits = None
-        if loss_cfg.kl > 0:
+        # The KL term's second view costs a forward pass; skip it without the term.
+        second_logits = None
+        if loss_cfg.kl > 0 and loss_cfg.kl_view == "dropout":
+            second_logits = self.head(redraw_features() if redraw_features else self.features(x))
+        elif loss_cfg.kl > 0:
             noisy = (x + loss_cfg.kl_noise_std * torch.randn_like(x)).clamp(0, 1)
-            noisy_logits = self(noisy)
+            second_logits = self(noisy)
         projected = F.normalize(self.projector(feats), dim=1) if loss_cfg.nce > 0 else None
-        return classification_losses(logits, y, loss_cfg, noisy_logits, projected)
+        return classification_losses(logits, y, loss_cfg, second_logits, projected)
 
     def trainable_parameters(self, loss_cfg: LossConfig) -> list[nn.Parameter]:
+        if loss_cfg.kl > 0 and loss_cfg.kl_view == "dropout" and not has_dropout(self):
+            # Two passes without dropout are the same pass: the KL term would be 0, silently.
+            raise ConfigError(f"loss.kl_view dropout: the {self.cfg.kind!r} expert has no dropout or drop path "
+                              "to draw twice; give it some (expert.<name>.drop_rate, or "
+                              "model_args.drop_path_rate), or use kl_view noise")
         if loss_cfg.nce == 0:
             # Only the NCE loss uses the projection head: without it, freeze it, so it neither
             # counts as trainable nor leaves DDP waiting for gradients that never come.
@@ -310,6 +320,12 @@ class FixedStatisticsClassifier(FeatureClassifier):
 
     def features(self, x):
         return self.body(self.statistics(x))
+
+    def training_loss(self, x, y, loss_cfg: LossConfig):
+        # The statistics are fixed: a second dropout draw (loss.kl_view dropout) reruns the MLP only.
+        statistics = self.statistics(x)
+        return self.losses_of_features(x, y, self.body(statistics), loss_cfg,
+                                       redraw_features=lambda: self.body(statistics))
 
     def gradcam_layer(self):
         return None  # fixed statistics: no learned spatial map to explain

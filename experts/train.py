@@ -42,7 +42,7 @@ from common.files import atomic_write
 from common.inputs import to_unit_float
 from common.metrics import roc_auc
 from common.runtime import Runtime, mixed_precision, sample_seed, seed_everything, setup_runtime
-from configs import Config, augment_of, config_from, to_dict
+from configs import Config, augment_of, config_from, loss_of, to_dict
 from data_prep.dataset import Sample, load_splits, read_extra_reals, summarize
 from data_prep.faces import FaceCropCache
 from data_prep.folds import fold_samples, read_folds
@@ -168,8 +168,9 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
 
     if cfg.train.channels_last:
         expert = expert.to(memory_format=torch.channels_last)
-    params = expert.trainable_parameters(cfg.loss)  # freezes the rest: before DDP registers them
-    step_module: nn.Module = TrainStep(expert, cfg.loss)
+    loss_cfg = loss_of(cfg, ecfg, name)  # loss.*, then expert.<name>.loss
+    params = expert.trainable_parameters(loss_cfg)  # freezes the rest: before DDP registers them
+    step_module: nn.Module = TrainStep(expert, loss_cfg)
     if rt.world > 1:
         if cfg.train.sync_bn and rt.device.type == "cuda":
             step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
