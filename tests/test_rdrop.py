@@ -1,6 +1,7 @@
 """The KL term's dropout view (`loss.kl_view: dropout`, R-Drop) and per-expert losses
 (`expert.<name>.loss`): the loss on hand-made logits, which experts can draw twice, and the
 config that selects it."""
+import json
 import math
 
 import pytest
@@ -9,8 +10,11 @@ import torch
 from common.errors import ConfigError
 from configs import ExpertConfig, LossConfig, load_config, loss_of
 from experts import create_expert
+from experts import train as experts_train
 from experts.base import check_expert_config
 from experts.losses import classification_losses, has_dropout, kl_consistency, symmetric_kl
+from experts.weights import MANIFEST
+from helpers import tiny_overrides
 
 SIZE = 64
 
@@ -114,3 +118,14 @@ def test_a_bad_expert_loss_is_an_error_naming_it(override, named):
 def test_a_bad_shared_kl_view_is_an_error_naming_it():
     with pytest.raises(ConfigError, match=r"^loss\.kl_view: 'dropuot' is not one of"):
         load_config("cpu", ["loss.kl_view=dropuot"])
+
+
+def test_the_trainer_gives_each_expert_its_own_losses(demo_root, tmp_path, crop_cache):
+    """expert.forensic.loss: the forensic expert trains with the dropout KL (its history logs
+    the term), the resnet beside it with the shared losses (CE alone, no KL logged)."""
+    overrides = tiny_overrides(tmp_path, epochs=1, experts="forensic,resnet", cache_dir=crop_cache) + [
+        "expert.forensic.epochs=1", "expert.forensic.loss.kl=1", "expert.forensic.loss.kl_view=dropout"]
+    assert experts_train.main([str(demo_root)] + overrides) == 0
+    trained = json.loads((tmp_path / "weights" / MANIFEST).read_text())["experts"]
+    (forensic_epoch,), (resnet_epoch,) = (trained[name]["training"]["history"] for name in ("forensic", "resnet"))
+    assert forensic_epoch["train_kl"] > 0 and "train_kl" not in resnet_epoch
