@@ -312,8 +312,9 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name:
     total, trainable = run.expert.parameter_counts()
     if rt.is_main:
         ecfg = cfg.expert_config(name)
-        log.info("%s (%s, %s): %d train / %d val images, %d epochs, %.2fM params (%.3f%% trainable)",
-                 name, ecfg.kind, ecfg.model, len(run.train_samples), len(splits["valset"]), run.epochs,
+        built = ecfg.kind + (f", {ecfg.model}" if "model" in run.expert.config_fields else "")
+        log.info("%s (%s): %d train / %d val images, %d epochs, %.2fM params (%.3f%% trainable)",
+                 name, built, len(run.train_samples), len(splits["valset"]), run.epochs,
                  total / 1e6, 100 * trainable / total)
     started = time.time()
     for epoch in range(run.start_epoch, run.epochs):
