@@ -19,7 +19,9 @@ def test_model_args_overrides_keep_yaml_types():
                               "expert.resnet.model_args.zero_init_last=false"])
     assert cfg.expert_config("resnet").model_args == {"drop_path_rate": 0.1, "channels": NARROW,
                                                       "zero_init_last": False}
-    assert load_config("cpu").expert_config("resnet").model_args == {}
+    cpu = load_config("cpu")
+    assert cpu.expert_config("resnet").model_args == {"channels": [32, 64, 128, 256]}  # the profile's half width
+    assert cpu.expert_config("dae").model_args == {}
 
 
 def test_narrower_backbone_exports_and_loads_back_strictly(tmp_path):
