@@ -73,7 +73,7 @@ class AugmentConfig:
 class LossConfig:
     ce: float = 1.0
     label_smoothing: float = 0.0
-    kl: float = 0.0                # weight of KL(p(x) || p(x + noise)) consistency
+    kl: float = 0.0                # weight of the KL consistency term between two views of x (kl_view)
     kl_noise_std: float = 0.05     # std of the Gaussian noise added to the [0, 1] input (before normalisation)
     kl_view: str = "noise"         # what the KL term compares: noise (x vs x + noise) | dropout (two dropout
                                    # draws on x, R-Drop: the expert needs dropout or drop path)
