@@ -149,6 +149,8 @@ class ExpertConfig:
     boundary_loss: float = 0.0     # >0: an auxiliary head learns where the editing fakes were blended (Face X-ray),
                                    # this weight beside the classification losses (timm kind)
     lr: float = 0.0                # 0 = train.lr
+    seed: int = -1                 # -1 = the run's seed; its own: the same settings trained again under
+                                   # another seed, a second member of a seed ensemble
     validate_every: int = 1        # validate every n-th epoch and the last (the best EMA epoch is one of them)
     input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)
     space_to_depth: int = 1        # timm kind: >1 folds each s x s block of the input (and its residuals) into
@@ -317,6 +319,11 @@ def loss_of(cfg: Config, expert: ExpertConfig, name: str = "") -> LossConfig:
         key = f"expert.{name or '<name>'}.loss.kl_view" if "kl_view" in expert.loss else "loss.kl_view"
         raise ConfigError(f"{key}: {loss.kl_view!r} is not one of {list(KL_VIEWS)}")
     return loss
+
+
+def seed_of(cfg: Config, expert: ExpertConfig) -> int:
+    """The seed an expert trains under: its own `expert.<name>.seed`, else the run's `seed`."""
+    return cfg.seed if expert.seed < 0 else expert.seed
 
 
 def config_from(args, data_root: str | None = None) -> Config:

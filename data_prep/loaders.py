@@ -75,18 +75,18 @@ class FaceCropDataset(Dataset):
     With `boundaries` (training only), also each image's blending boundary, 1 x S x S float:
     an editing fake's (`masks.blending_boundary`), 0 for a real, -1 (unknown) for a fake of
     the data set, transformed with the image. `augment`: an expert's own augmentations
-    (configs.augment_of), else cfg.augment."""
+    (configs.augment_of), else cfg.augment; `seed`: an expert's own (configs.seed_of), else cfg.seed."""
 
     def __init__(self, samples, crops: FaceCropCache, size: int, cfg: Config, train: bool,
                  paired_fakes: bool = False, patch_size: int = 0, online_fakes: float | None = None,
                  fake_ops: list[str] | None = None, boundaries: bool = False,
-                 augment: AugmentConfig | None = None):
+                 augment: AugmentConfig | None = None, seed: int | None = None):
         self.samples, self.crops, self.size, self.train = samples, crops, size, train
         self.boundaries = boundaries and train
         # paired_fakes (evaluation of a reals-only split): after the n samples come n editing
         # fakes, one made from each real with a fixed seed, so every epoch sees the same ones.
         self.paired = paired_fakes
-        self.seed, self.epoch = cfg.seed, 0
+        self.seed, self.epoch = cfg.seed if seed is None else seed, 0
         augment = augment or cfg.augment
         self.augment = train_augmentations(augment, size) if train else None
         self.cutout = augment.cutout if train else 0.0

@@ -41,7 +41,7 @@ EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
 EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
 # Read by the trainer for every kind, so never an error.
 TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "swa_fraction", "swa_lr", "lr",
-                            "validate_every", "online_fake_ops", "augment", "loss"})
+                            "seed", "validate_every", "online_fake_ops", "augment", "loss"})
 
 
 def register_expert(kind: str, aliases: tuple[str, ...] = ()):
@@ -82,6 +82,8 @@ def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Exp
                           "and needs swa_fraction > 0")
     if cfg.validate_every < 1:
         raise ConfigError(f"{prefix}validate_every: {cfg.validate_every} must be 1 (every epoch) or more")
+    if cfg.seed < -1:
+        raise ConfigError(f"{prefix}seed: {cfg.seed} is negative (-1 = the run's seed)")
     if cfg.boundary_loss < 0:
         raise ConfigError(f"{prefix}boundary_loss: {cfg.boundary_loss} is negative (0 = off)")
     augment_of(Config(), cfg, name)  # its augment keys must name augmentation settings

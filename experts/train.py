@@ -42,7 +42,7 @@ from common.files import atomic_write
 from common.inputs import to_unit_float
 from common.metrics import roc_auc
 from common.runtime import Runtime, mixed_precision, sample_seed, seed_everything, setup_runtime
-from configs import Config, augment_of, config_from, loss_of, to_dict
+from configs import Config, augment_of, config_from, loss_of, seed_of, to_dict
 from data_prep.dataset import Sample, load_splits, read_extra_reals, summarize
 from data_prep.faces import FaceCropCache
 from data_prep.folds import fold_samples, read_folds
@@ -107,6 +107,7 @@ class ExpertRun:
     name: str                  # the expert's name in the config
     export_name: str           # its name in the weights folder and run_dir (<name>_fold<k> for a fold)
     cfg: Config
+    seed: int                  # cfg.seed, or the expert's own (expert.<name>.seed)
     size: int                  # input side
     epochs: int
     run_dir: Path              # checkpoint.pt, metrics.json / .csv, val_scores.json
@@ -144,7 +145,8 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
     epochs = ecfg.epochs or cfg.train.epochs
     export_name = export_name or name
     show = rt.is_main and (sys.stderr.isatty() or os.environ.get("FORCE_TQDM") == "1")
-    seed_everything(cfg.seed)  # before the expert is built: its initial weights are seeded too
+    seed = seed_of(cfg, ecfg)
+    seed_everything(seed)  # before the expert is built: its initial weights are seeded too
 
     crops = FaceCropCache(cfg.face, cfg.data.cache_dir)
     expert = create_expert(ecfg, size).to(rt.device)
@@ -152,14 +154,14 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
     reals_only = expert.trains_on_real_only  # then: no editing fake, no class balance to draw
     train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True, patch_size=ecfg.patch_size,
                                 online_fakes=0.0 if reals_only else None, fake_ops=ecfg.online_fake_ops,
-                                boundaries=expert.learns_boundaries, augment=augment_of(cfg, ecfg, name))
+                                boundaries=expert.learns_boundaries, augment=augment_of(cfg, ecfg, name), seed=seed)
     # A reals-only valset (training on reals + editing fakes) is validated on its reals and
     # an editing fake of each: model selection never sees a fake of the data set.
     val_real_only = all(s.target == 0 for s in splits["valset"])
     val_set = FaceCropDataset(splits["valset"], crops, size, cfg, train=False, paired_fakes=val_real_only,
-                              fake_ops=ecfg.online_fake_ops)
+                              fake_ops=ecfg.online_fake_ops, seed=seed)
     sampler = EpochSampler([s.target for s in train_samples], cfg.train.balanced_sampling and not reals_only,
-                           cfg.seed, rt.rank, rt.world)
+                           seed, rt.rank, rt.world)
     train_loader = make_loader(train_set, cfg, sampler)
     val_loader = make_loader(val_set, cfg, batch_size=2 * cfg.train.batch_size)
     if len(train_loader) == 0:
@@ -187,7 +189,7 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
     ema = ExponentialMovingAverage(params, decay=cfg.train.ema_decay)
     amp_dtype, use_scaler = mixed_precision(cfg.train.amp, rt.device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    return ExpertRun(name, export_name, cfg, size, epochs, Path(cfg.run_dir) / export_name, show, crops,
+    return ExpertRun(name, export_name, cfg, seed, size, epochs, Path(cfg.run_dir) / export_name, show, crops,
                      expert, step_module, train_samples, train_set, sampler, train_loader, val_loader,
                      params, optimizer, scheduler, ema, scaler, amp_dtype, averaged, ecfg.validate_every)
 
@@ -212,7 +214,7 @@ def resume_run(run: ExpertRun, rt: Runtime) -> None:
 def train_one_epoch(run: ExpertRun, epoch: int, rt: Runtime) -> dict:
     """One pass over the training loader; the epoch's row of the history (loss terms, lr, speed)."""
     cfg = run.cfg
-    seed_everything(sample_seed(cfg.seed, epoch))
+    seed_everything(sample_seed(run.seed, epoch))
     run.sampler.set_epoch(epoch)
     run.train_set.set_epoch(epoch)
     run.expert.train()
