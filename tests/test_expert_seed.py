@@ -1,5 +1,6 @@
 """An expert's own seed (`expert.<name>.seed`): the same settings trained again under another
 seed, a second member of a seed ensemble, exactly as a whole run under that seed trains it."""
+import dataclasses
 import json
 
 import pytest
@@ -46,3 +47,14 @@ def test_its_own_seed_trains_what_a_run_under_that_seed_trains(demo_root, tmp_pa
     # the manifest records the expert's seed in its settings, the run's seed in the run's config
     assert manifest["experts"]["second"]["expert_config"]["seed"] == 1
     assert manifest["config"]["seed"] == 0
+
+
+def test_a_yaml_anchor_makes_a_section_a_seed_twin_of_another(tmp_path):
+    """The README's recipe for a seed ensemble in a profile: `<<: *anchor` plus its own seed."""
+    profile = tmp_path / "twin.yaml"
+    profile.write_text("experts: [net, net_seed1]\nexpert:\n  net: &net\n    kind: resnet\n"
+                       "    model: test_resnet\n    epochs: 3\n    model_args: {channels: [8, 8, 8, 8]}\n"
+                       "  net_seed1:\n    <<: *net\n    seed: 1\n")
+    cfg = load_config(str(profile))
+    assert cfg.expert_config("net_seed1") == dataclasses.replace(cfg.expert_config("net"), seed=1)
+    assert cfg.expert_config("net").seed == -1

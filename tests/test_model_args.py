@@ -20,7 +20,7 @@ def test_model_args_overrides_keep_yaml_types():
     assert cfg.expert_config("resnet").model_args == {"drop_path_rate": 0.1, "channels": NARROW,
                                                       "zero_init_last": False}
     cpu = load_config("cpu")
-    assert cpu.expert_config("resnet").model_args == {"channels": [32, 64, 128, 256]}  # the profile's half width
+    assert cpu.expert_config("resnet").model_args == {}  # the profile's resnet10t at its full width
     assert cpu.expert_config("dae").model_args == {}
 
 
