@@ -107,7 +107,6 @@ class ExpertRun:
     name: str                  # the expert's name in the config
     export_name: str           # its name in the weights folder and run_dir (<name>_fold<k> for a fold)
     cfg: Config
-    seed: int                  # cfg.seed, or the expert's own (expert.<name>.seed)
     size: int                  # input side
     epochs: int
     run_dir: Path              # checkpoint.pt, metrics.json / .csv, val_scores.json
@@ -189,7 +188,7 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
     ema = ExponentialMovingAverage(params, decay=cfg.train.ema_decay)
     amp_dtype, use_scaler = mixed_precision(cfg.train.amp, rt.device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    return ExpertRun(name, export_name, cfg, seed, size, epochs, Path(cfg.run_dir) / export_name, show, crops,
+    return ExpertRun(name, export_name, cfg, size, epochs, Path(cfg.run_dir) / export_name, show, crops,
                      expert, step_module, train_samples, train_set, sampler, train_loader, val_loader,
                      params, optimizer, scheduler, ema, scaler, amp_dtype, averaged, ecfg.validate_every)
 
@@ -214,7 +213,7 @@ def resume_run(run: ExpertRun, rt: Runtime) -> None:
 def train_one_epoch(run: ExpertRun, epoch: int, rt: Runtime) -> dict:
     """One pass over the training loader; the epoch's row of the history (loss terms, lr, speed)."""
     cfg = run.cfg
-    seed_everything(sample_seed(run.seed, epoch))
+    seed_everything(sample_seed(seed_of(cfg, cfg.expert_config(run.name)), epoch))  # the expert's own seed
     run.sampler.set_epoch(epoch)
     run.train_set.set_epoch(epoch)
     run.expert.train()
