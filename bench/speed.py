@@ -275,12 +275,13 @@ def batch_sizes(n: int, batch_size: int) -> list[int]:
     return [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
 
 
-def random_batches(input_sizes, batch_size: int, count: int, seed: int = 0) -> list[dict]:
-    """`count` distinct {size: uint8 (batch_size, 3, size, size)} batches, as collate_images gives."""
+def random_batches(input_keys, batch_size: int, count: int, seed: int = 0) -> list[dict]:
+    """`count` distinct {(region, size): uint8 (batch_size, 3, size, size)} batches, as
+    collate_images gives."""
     import torch
     g = torch.Generator().manual_seed(seed)
-    return [{s: torch.randint(0, 256, (batch_size, 3, s, s), dtype=torch.uint8, generator=g) for s in input_sizes}
-            for _ in range(count)]
+    return [{(r, s): torch.randint(0, 256, (batch_size, 3, s, s), dtype=torch.uint8, generator=g)
+             for r, s in input_keys} for _ in range(count)]
 
 
 def batches_for(pool: list[dict], sizes: list[int]):
@@ -311,15 +312,17 @@ def time_experts(detector, pool, sizes) -> dict:
     import torch
 
     from common.inputs import to_unit_float
+    from ensemble.predictor import input_key
     sync = synchronizer(detector.device)
     out = {}
     for name, model in detector.experts.items():
         total = 0.0
         with torch.no_grad():
-            x = to_unit_float(pool[0][model.image_size][:1], detector.device)
+            key = input_key(model)
+            x = to_unit_float(pool[0][key][:1], detector.device)
             model.predict_proba(x)  # warm-up
             for batch in batches_for(pool, sizes):
-                x = to_unit_float(batch[model.image_size], detector.device)
+                x = to_unit_float(batch[key], detector.device)
                 sync()
                 start = time.perf_counter()
                 model.predict_proba(x)
@@ -613,7 +616,7 @@ def measure(args, tmp: Path) -> tuple[dict, int]:
         torch.cuda.reset_peak_memory_stats(detector.device)
 
     sizes = batch_sizes(n, args.batch_size)
-    pool = random_batches(detector.input_sizes, args.batch_size, min(len(sizes), BATCH_POOL))
+    pool = random_batches(detector.input_keys, args.batch_size, min(len(sizes), BATCH_POOL))
     time_bare(detector, pool, sizes[:1])  # warm-up: first-call allocations, lazy inits
     bare_s, runs, code = [], [], 0
     for i in range(args.repeats):  # interleaved, so a drift hits both alike
@@ -643,7 +646,8 @@ def measure(args, tmp: Path) -> tuple[dict, int]:
         "batch_size": args.batch_size, "workers": args.workers, "repeats": args.repeats,
         "device": str(detector.device), "precision": detector.precision, "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "weights": str(args.weights),
-        "experts": list(detector.experts), "input_sizes": detector.input_sizes, "tta": list(detector.tta),
+        "experts": list(detector.experts), "input_sizes": sorted({s for _, s in detector.input_keys}),
+        "tta": list(detector.tta),
         "ensemble": getattr(stacker, "method_", None) or ("stacker" if stacker is not None else "mean"),
         "startup": {"import_s": round(import_s, 3), "already_imported": already, "load_s": round(load_s, 3),
                     "in_process_s": round(import_s + load_s, 3), "cold_infer": cold},

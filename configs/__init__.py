@@ -137,6 +137,7 @@ class ExpertConfig:
     model_args: dict[str, typing.Any] = field(default_factory=dict)  # more keyword arguments of timm.create_model
                                    # (timm, clip, dae), e.g. {drop_path_rate: 0.1, channels: [32, 64, 128, 256]}
     image_size: int = 0            # 0 = data.image_size
+    region: str = "face"           # the part of the face crop it sees: face (all) | mouth (data_prep/regions.py)
     patch_size: int = 0            # >0: train on random patches of this side (native resolution); whole input at test
     epochs: int = 0                # 0 = train.epochs
     swa_fraction: float = 0.0      # >0: export the mean of the raw weights of this last fraction of the epochs

@@ -26,6 +26,7 @@ from data_prep.faces import FaceCropCache
 from data_prep.images import ImageDecodeError
 from data_prep.landmarks import cutout_face_part
 from data_prep.masks import blending_boundary
+from data_prep.regions import check_region, crop_region
 from data_prep.transforms import crop_to_tensor, resize_square, to_tensor, train_augmentations
 
 log = logging.getLogger("train")
@@ -75,12 +76,14 @@ class FaceCropDataset(Dataset):
     With `boundaries` (training only), also each image's blending boundary, 1 x S x S float:
     an editing fake's (`masks.blending_boundary`), 0 for a real, -1 (unknown) for a fake of
     the data set, transformed with the image. `augment`: an expert's own augmentations
-    (configs.augment_of), else cfg.augment; `seed`: an expert's own (configs.seed_of), else cfg.seed."""
+    (configs.augment_of), else cfg.augment; `seed`: an expert's own (configs.seed_of), else cfg.seed.
+    `region`: the part of the face crop the expert sees (data_prep/regions.py), cut after the
+    editing fake is made from the whole crop and before the augmentations."""
 
     def __init__(self, samples, crops: FaceCropCache, size: int, cfg: Config, train: bool,
                  paired_fakes: bool = False, patch_size: int = 0, online_fakes: float | None = None,
                  fake_ops: list[str] | None = None, boundaries: bool = False,
-                 augment: AugmentConfig | None = None, seed: int | None = None):
+                 augment: AugmentConfig | None = None, seed: int | None = None, region: str = "face"):
         self.samples, self.crops, self.size, self.train = samples, crops, size, train
         self.boundaries = boundaries and train
         # paired_fakes (evaluation of a reals-only split): after the n samples come n editing
@@ -101,6 +104,7 @@ class FaceCropDataset(Dataset):
         self.real_indices = [i for i, s in enumerate(samples) if s.target == 0]
         self.margin = cfg.face.margin
         self.patch = patch_size if train and 0 < patch_size < size else 0
+        self.region = check_region(region)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -113,11 +117,11 @@ class FaceCropDataset(Dataset):
             i -= len(self.samples)
             rng = np.random.default_rng(sample_seed(self.seed, PAIRED_FAKE_STREAM, i))
             image, _ = self.make_fake(i, self.crops.load(self.samples[i].path), rng)
-            return crop_to_tensor(image, self.size), 1
+            return crop_to_tensor(self.in_region(i, image), self.size), 1
         sample = self.samples[i]
         image, target = self.crops.load(sample.path), sample.target
         if not self.train:
-            return crop_to_tensor(image, self.size), target
+            return crop_to_tensor(self.in_region(i, image), self.size), target
         rng = np.random.default_rng(sample_seed(self.seed, self.epoch, i))
         # -1: a data set fake's boundary is unknown; a real has none
         boundary = np.full(image.shape[:2], -1.0 if target else 0.0, np.float32) if self.boundaries else None
@@ -126,6 +130,7 @@ class FaceCropDataset(Dataset):
             target, boundary = 1, (blending_boundary(mask) if self.boundaries else None)
         if self.cutout > 0 and rng.random() < self.cutout:
             image = self.cut_out(sample.path, image, rng)
+        image, boundary = self.in_region(i, image), (None if boundary is None else self.in_region(i, boundary))
         self.augment.set_random_seed(int(rng.integers(2**31)))
         augmented = self.augment(image=image) if boundary is None else self.augment(image=image, mask=boundary)
         image = resize_square(augmented["image"], self.size)
@@ -137,6 +142,13 @@ class FaceCropDataset(Dataset):
         if boundary is None:
             return to_tensor(image), target
         return to_tensor(image), target, torch.from_numpy(np.ascontiguousarray(boundary))[None]
+
+    def in_region(self, i, image):
+        """`image` (the face crop, or a map aligned with it) cut to the expert's region, by the
+        landmarks of sample i's crop (an editing fake keeps its real's)."""
+        if self.region == "face":
+            return image
+        return crop_region(image, self.crops.landmarks(self.samples[i].path), self.region)
 
     def cut_out(self, path, image, rng):
         """`image` with one facial part blacked out (augment.cutout), located by the crop's

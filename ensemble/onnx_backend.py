@@ -26,7 +26,7 @@ from experts.weights import WeightsError
 class OnnxExpert:
     """An exported expert in an onnxruntime session, on the CPU with `threads` threads."""
 
-    def __init__(self, path: Path, image_size: int, threads: int):
+    def __init__(self, path: Path, image_size: int, threads: int, region: str = "face"):
         ort = import_optional("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -38,7 +38,7 @@ class OnnxExpert:
             raise WeightsError(f"{path}: onnxruntime cannot load it: {reason}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.has_error_ratios = ERROR_RATIOS_NAME in [o.name for o in self.session.get_outputs()]
-        self.image_size = image_size
+        self.image_size, self.region = image_size, region
 
     def predict_proba(self, crops: torch.Tensor) -> torch.Tensor:
         """P(fake) (B,) of a float crop batch in [0, 1], as `Expert.predict_proba`."""
@@ -67,7 +67,8 @@ def onnx_detector(location, experts: list[str] | None = None, tta: list[str] | N
     loaded = {}
     for name in names:
         entry = manifest["experts"][name]
-        loaded[name] = OnnxExpert(verified_onnx_file(folder, entry, f"expert {name!r}"), entry["input_size"], threads)
+        loaded[name] = OnnxExpert(verified_onnx_file(folder, entry, f"expert {name!r}"), entry["input_size"], threads,
+                                  entry.get("region", "face"))
     stacker, meta_features = None, []
     if ensemble and list(ensemble["experts"]) == list(names):  # a subset falls back to the plain mean
         from ensemble.stacking import StackingEnsemble

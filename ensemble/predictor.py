@@ -32,6 +32,8 @@ from common.runtime import native_bf16, select_device
 from configs import ConfigError, FaceConfig
 from data_prep.faces import crop_face
 from data_prep.images import ImageDecodeError, decode_image
+from data_prep.landmarks import detect_landmarks
+from data_prep.regions import crop_region
 from data_prep.transforms import crop_to_tensor
 from experts.weights import WeightsError, face_config_of, load_expert, read_manifest, verified_file
 
@@ -66,9 +68,19 @@ def precision_autocast(precision: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def crop_to_inputs(crop: np.ndarray, sizes) -> dict[int, torch.Tensor]:
-    """A face crop (H x W x 3 uint8) -> {input size: uint8 tensor (3, S, S)}, resized as in training."""
-    return {s: crop_to_tensor(crop, s) for s in sizes}
+InputKey = tuple[str, int]  # (region of the face crop, input size): what one expert reads
+
+
+def input_key(model) -> InputKey:
+    """The input an expert (torch or ONNX) reads: its region of the face crop at its size."""
+    return getattr(model, "region", "face"), model.image_size
+
+
+def crop_to_inputs(crop: np.ndarray, keys) -> dict[InputKey, torch.Tensor]:
+    """A face crop (H x W x 3 uint8) -> {(region, size): uint8 tensor (3, S, S)}, cut and
+    resized as in training; the landmarks are found once, and only when a region needs them."""
+    points = detect_landmarks(crop) if any(region != "face" for region, _ in keys) else None
+    return {(region, size): crop_to_tensor(crop_region(crop, points, region), size) for region, size in keys}
 
 
 @dataclass
@@ -136,8 +148,8 @@ class EnsembleDetector:
         return cls(loaded, face, dev, list(tta or []), stacker, list(meta_features or []), precision)
 
     @property
-    def input_sizes(self) -> list[int]:
-        return sorted({m.image_size for m in self.experts.values()})
+    def input_keys(self) -> list[InputKey]:
+        return sorted({input_key(m) for m in self.experts.values()})
 
     def _with_error_terms(self) -> list[str]:
         """The experts whose error terms are stacker inputs (meta-feature dae_terms)."""
@@ -153,18 +165,18 @@ class EnsembleDetector:
         return names
 
     @torch.inference_mode()
-    def expert_features(self, batch: dict[int, torch.Tensor]) -> np.ndarray:
+    def expert_features(self, batch: dict[InputKey, torch.Tensor]) -> np.ndarray:
         """(B, n_features): each expert's P(fake), averaged over TTA views, then (with TTA)
         each expert's spread between views, a cue of uncertainty the stacker may use, then
         (meta-feature dae_terms) each DAE's three error terms, averaged over the views.
         Always float32, whatever `precision` the forward passes ran in."""
-        inputs = {size: to_unit_float(t, self.device) for size, t in batch.items()}
+        inputs = {key: to_unit_float(t, self.device) for key, t in batch.items()}
         if self.channels_last:
-            inputs = {size: x.contiguous(memory_format=torch.channels_last) for size, x in inputs.items()}
+            inputs = {key: x.contiguous(memory_format=torch.channels_last) for key, x in inputs.items()}
         means, spreads, errors = [], [], []
         with_terms = self._with_error_terms()
         for name, model in self.experts.items():
-            views = tta_views(inputs[model.image_size], self.tta)
+            views = tta_views(inputs[input_key(model)], self.tta)
             with precision_autocast(self.precision, self.device):
                 if name in with_terms:
                     outputs = [model.predict_proba_and_error_ratios(v) for v in views]
@@ -187,7 +199,7 @@ class EnsembleDetector:
             return self.stacker.predict_proba(features)[:, 1]
         return features[:, : len(self.experts)].mean(axis=1)
 
-    def score_crops(self, batch: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    def score_crops(self, batch: dict[InputKey, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         features = self.expert_features(batch)
         return self.combine(features), features
 
@@ -195,12 +207,12 @@ class EnsembleDetector:
         """One decoded image -> its face crop, as training cropped it."""
         return crop_face(rgb, self.face)[0]
 
-    def batch_of_crops(self, crops: list[np.ndarray]) -> dict[int, torch.Tensor]:
-        """Face crops -> {input size: uint8 tensor (B, 3, S, S)}, ready for `score_crops`."""
-        inputs = [crop_to_inputs(crop, self.input_sizes) for crop in crops]
-        return {s: torch.stack([one[s] for one in inputs]) for s in self.input_sizes}
+    def batch_of_crops(self, crops: list[np.ndarray]) -> dict[InputKey, torch.Tensor]:
+        """Face crops -> {(region, size): uint8 tensor (B, 3, S, S)}, ready for `score_crops`."""
+        inputs = [crop_to_inputs(crop, self.input_keys) for crop in crops]
+        return {key: torch.stack([one[key] for one in inputs]) for key in self.input_keys}
 
-    def batch_of_images(self, images: list[np.ndarray]) -> dict[int, torch.Tensor]:
+    def batch_of_images(self, images: list[np.ndarray]) -> dict[InputKey, torch.Tensor]:
         """Decoded images (video frames, say) -> face-cropped input batches."""
         return self.batch_of_crops([self.face_crop(rgb) for rgb in images])
 
@@ -229,10 +241,10 @@ def tta_views(x: torch.Tensor, tta: list[str]) -> list[torch.Tensor]:
 
 class ImageFiles(Dataset):
     """Decode + face-crop in DataLoader workers, so it overlaps with the forward passes.
-    Items: (index, {size: tensor} or {}, error message or "")."""
+    Items: (index, {(region, size): tensor} or {}, error message or "")."""
 
     def __init__(self, paths: list[Path], detector: EnsembleDetector):
-        self.paths, self.face, self.sizes = paths, detector.face, detector.input_sizes
+        self.paths, self.face, self.keys = paths, detector.face, detector.input_keys
 
     def __len__(self):
         return len(self.paths)
@@ -242,14 +254,14 @@ class ImageFiles(Dataset):
             crop = crop_face(decode_image(self.paths[i]), self.face)[0]
         except ImageDecodeError as err:
             return i, {}, str(err)
-        return i, crop_to_inputs(crop, self.sizes), ""
+        return i, crop_to_inputs(crop, self.keys), ""
 
 
 def collate_images(items):
     """Keep the failures out of the batch but remember them (their rows still get written)."""
     ok = [(i, t) for i, t, e in items if not e]
     failed = [(i, e) for i, _, e in items if e]
-    batch = {s: torch.stack([t[s] for _, t in ok]) for s in (ok[0][1] if ok else {})}
+    batch = {key: torch.stack([t[key] for _, t in ok]) for key in (ok[0][1] if ok else {})}
     return [i for i, _ in ok], batch, failed
 
 

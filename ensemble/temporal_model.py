@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from common.inputs import to_unit_float
 from common.runtime import select_device
 from configs import FaceConfig
-from data_prep.transforms import crop_to_tensor
+from data_prep.regions import region_tensor
 from ensemble.predictor import DEFAULT_PRECISION, precision_autocast, resolve_precision
 from experts.base import Expert
 from experts.weights import MANIFEST, WeightsError, face_config_of, load_expert, read_manifest, verified_file
@@ -103,7 +103,7 @@ def run_expert(expert: Expert, crops: list[np.ndarray], device, precision: str =
     device = torch.device(device)
     embeddings, scores = [], []
     for start in range(0, len(crops), EMBED_BATCH):
-        x = to_unit_float(torch.stack([crop_to_tensor(c, expert.image_size)
+        x = to_unit_float(torch.stack([region_tensor(c, expert.region, expert.image_size)
                                        for c in crops[start:start + EMBED_BATCH]]), device)
         with precision_autocast(precision, device):
             embeddings.append(expert.embed(x).float().cpu())

@@ -15,7 +15,7 @@ import torch
 
 from common.errors import UserError
 from common.inputs import to_unit_float
-from ensemble.predictor import crop_to_inputs
+from ensemble.predictor import crop_to_inputs, input_key
 
 log = logging.getLogger("ensemble.evaluate")
 
@@ -40,12 +40,14 @@ def _implements_embed(model) -> bool:
     return type(model).embed is not Expert.embed
 
 
-def _load_crops(detector, paths: list[Path], size: int):
-    """[(display crop HxWx3 uint8, uint8 tensor (3, size, size))], cropped as the detector crops."""
+def _load_crops(detector, paths: list[Path], model):
+    """[(display crop HxWx3 uint8, uint8 tensor (3, size, size))]: the face crop, and what
+    `model` reads of it (its region at its size), cropped as the detector crops."""
     from data_prep.images import decode_image
 
+    key = input_key(model)
     crops = [detector.face_crop(decode_image(path)) for path in paths]
-    return [(crop, crop_to_inputs(crop, [size])[size]) for crop in crops]
+    return [(crop, crop_to_inputs(crop, [key])[key]) for crop in crops]
 
 
 @torch.no_grad()
@@ -60,7 +62,7 @@ def plot_tsne(detector, paths: list[Path], y: np.ndarray, path: Path, seed: int,
         chosen = np.sort(np.random.default_rng(seed).choice(len(paths), TSNE_MAX_IMAGES, replace=False))
     embeddings = []
     for start in range(0, len(chosen), batch_size):
-        crops = _load_crops(detector, [paths[i] for i in chosen[start:start + batch_size]], model.image_size)
+        crops = _load_crops(detector, [paths[i] for i in chosen[start:start + batch_size]], model)
         x = to_unit_float(torch.stack([t for _, t in crops]), detector.device)
         embeddings.append(model.embed(x).float().flatten(1).cpu().numpy())
     labels = np.where(y[chosen] == 1, "1 fake", "0 real")  # sorted: real first, as in the other plots
@@ -85,7 +87,7 @@ def plot_gradcam(detector, paths: list[Path], y: np.ndarray, p: np.ndarray, path
         chosen += sorted(rng.choice(pool, min(n, len(pool)), replace=False).tolist())
     if not chosen:
         raise PlotError("no images for Grad-CAM")
-    crops = _load_crops(detector, [paths[i] for i in chosen], model.image_size)
+    crops = _load_crops(detector, [paths[i] for i in chosen], model)
     x = to_unit_float(torch.stack([t for _, t in crops]), detector.device)
     prefix = getattr(model, "num_prefix_tokens", None)
     if prefix is None:

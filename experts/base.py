@@ -35,12 +35,13 @@ import torch.nn.functional as F
 from common.errors import ConfigError, UnknownNameError, UserError
 from common.inputs import IMAGENET_MEAN, IMAGENET_STD
 from configs import Config, ExpertConfig, LossConfig, augment_of, loss_of
+from data_prep.regions import check_region
 from experts.losses import classification_losses, has_dropout
 
 EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
 EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
 # Read by the trainer for every kind, so never an error.
-TRAINER_FIELDS = frozenset({"kind", "image_size", "patch_size", "epochs", "swa_fraction", "swa_lr", "lr",
+TRAINER_FIELDS = frozenset({"kind", "image_size", "region", "patch_size", "epochs", "swa_fraction", "swa_lr", "lr",
                             "seed", "validate_every", "online_fake_ops", "augment", "loss"})
 
 
@@ -84,6 +85,7 @@ def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Exp
         raise ConfigError(f"{prefix}validate_every: {cfg.validate_every} must be 1 (every epoch) or more")
     if cfg.seed < -1:
         raise ConfigError(f"{prefix}seed: {cfg.seed} is negative (-1 = the run's seed)")
+    check_region(cfg.region, f"{prefix}region")
     if cfg.boundary_loss < 0:
         raise ConfigError(f"{prefix}boundary_loss: {cfg.boundary_loss} is negative (0 = off)")
     augment_of(Config(), cfg, name)  # its augment keys must name augmentation settings
@@ -160,6 +162,7 @@ class Expert(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_size = image_size
+        self.region = cfg.region  # the part of the face crop it sees (data_prep/regions.py)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 

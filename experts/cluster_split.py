@@ -52,7 +52,7 @@ from data_prep.folds import UNCLUSTERED, check_unique_names, make_folds, random_
 from data_prep.images import ImageDecodeError
 from data_prep.labels import write_label_file
 from data_prep.pseudo_labels import pseudo_labels
-from data_prep.transforms import crop_to_tensor
+from data_prep.regions import region_tensor
 from experts.base import create_backbone
 from experts.weights import face_config_of, load_expert
 
@@ -66,11 +66,12 @@ TSNE_MAX_POINTS = 3000  # t-SNE is quadratic-ish; a seeded subsample shows the s
 def embed_with_backbone(samples: list[Sample], model_name: str, face_cfg: FaceConfig, cache_dir,
                         image_size: int = 128, batch_size: int = 64, pretrained: bool = False,
                         device: str = "cpu",
-                        embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+                        embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, region: str = "face"
                         ) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings (n_kept, D) float32, kept_indices (n_kept,)) of the samples' face crops.
 
-    Crops come from FaceCropCache and are resized to image_size the way evaluation does.
+    Crops come from FaceCropCache and are cut to `region` and resized to image_size the way
+    evaluation does.
     Images that cannot be decoded are skipped with a one-line warning each; kept_indices
     says which samples the rows belong to.
 
@@ -102,7 +103,8 @@ def embed_with_backbone(samples: list[Sample], model_name: str, face_cfg: FaceCo
             except ImageDecodeError as err:
                 log.warning("skipped %s", err)
                 continue
-            batch.append(crop_to_tensor(crop, image_size))
+            points = crops.landmarks(sample.path) if region != "face" else None  # cached beside the crop
+            batch.append(region_tensor(crop, region, image_size, points))
             batch_indices.append(index)
             if len(batch) == batch_size:
                 flush()
@@ -159,13 +161,13 @@ def main(argv=None) -> int:
         print((args.out / "clusters.md").read_text())
         print(f"wrote {folds_path}")
         return 0
-    face, image_size, embed_fn, source = cfg.face, args.image_size, None, args.backbone
+    face, image_size, embed_fn, region, source = cfg.face, args.image_size, None, "face", args.backbone
     if args.expert:
         model, entry = load_expert(args.weights, args.expert, select_device(cfg.device))
-        face, image_size, embed_fn = face_config_of(entry), model.image_size, model.embed
+        face, image_size, embed_fn, region = face_config_of(entry), model.image_size, model.embed, model.region
         source = f"expert {args.expert!r}"
     emb, kept = embed_with_backbone(samples, args.backbone, face, cfg.data.cache_dir, image_size,
-                                    args.batch_size, args.pretrained, cfg.device, embed_fn=embed_fn)
+                                    args.batch_size, args.pretrained, cfg.device, embed_fn=embed_fn, region=region)
     if args.unsupervised:
         write_pseudo_labels(args.out, [samples[i] for i in kept], emb, cfg.seed)
     else:

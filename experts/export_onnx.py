@@ -171,7 +171,7 @@ def export(weights: Path, out: Path, requested: list[str] | None = None) -> Path
         path = folder / f"{name}.onnx"
         files[path] = model
         exported[name] = {"file": path.name, "sha256": hashlib.sha256(model).hexdigest(), "kind": entry["kind"],
-                          "input_size": expert.image_size, "outputs": output_names(expert),
+                          "input_size": expert.image_size, "region": expert.region, "outputs": output_names(expert),
                           "source_file": entry["file"],
                           "source_sha256": entry["sha256"], "max_difference_from_torch": difference}
         print(f"{name}: {path} ({len(model) / 1e6:.2f} MB), max |P(fake) onnxruntime - torch| "

@@ -153,12 +153,13 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
     reals_only = expert.trains_on_real_only  # then: no editing fake, no class balance to draw
     train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True, patch_size=ecfg.patch_size,
                                 online_fakes=0.0 if reals_only else None, fake_ops=ecfg.online_fake_ops,
-                                boundaries=expert.learns_boundaries, augment=augment_of(cfg, ecfg, name), seed=seed)
+                                boundaries=expert.learns_boundaries, augment=augment_of(cfg, ecfg, name), seed=seed,
+                                region=ecfg.region)
     # A reals-only valset (training on reals + editing fakes) is validated on its reals and
     # an editing fake of each: model selection never sees a fake of the data set.
     val_real_only = all(s.target == 0 for s in splits["valset"])
     val_set = FaceCropDataset(splits["valset"], crops, size, cfg, train=False, paired_fakes=val_real_only,
-                              fake_ops=ecfg.online_fake_ops, seed=seed)
+                              fake_ops=ecfg.online_fake_ops, seed=seed, region=ecfg.region)
     sampler = EpochSampler([s.target for s in train_samples], cfg.train.balanced_sampling and not reals_only,
                            seed, rt.rank, rt.world)
     train_loader = make_loader(train_set, cfg, sampler)

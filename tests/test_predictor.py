@@ -26,7 +26,7 @@ def test_features_with_and_without_tta():
     torch.manual_seed(0)
     experts = {"a": create_expert(ExpertConfig(kind="convnext", model="test_convnext"), 32).eval(),
                "b": create_expert(ExpertConfig(kind="resnet", model="test_resnet"), 32).eval()}
-    batch = {32: torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)}
+    batch = {("face", 32): torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)}
     plain = EnsembleDetector(experts, FaceConfig(), torch.device("cpu"))
     assert plain.feature_names() == ["a", "b"]
     f = plain.expert_features(batch)
@@ -47,7 +47,7 @@ def test_bf16_autocast_runs_the_experts_in_bf16_and_keeps_the_scores():
     torch.manual_seed(0)
     experts = {"a": create_expert(ExpertConfig(kind="convnext", model="test_convnext"), 32).eval(),
                "dae": create_expert(ExpertConfig(kind="dae", model="test_resnet"), 32).eval()}
-    batch = {32: torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)}
+    batch = {("face", 32): torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)}
     conv_dtypes = []
     for model in experts.values():
         first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
