@@ -1,7 +1,7 @@
 """The trained ensemble detector: the experts + their combiner, loaded once from `weights/`.
 
     detector = EnsembleDetector.from_weights("weights")
-    batch = detector.batch_of_images([rgb, ...])          # face crop -> {input size: uint8 (B, 3, S, S)}
+    batch = detector.batch_of_images([rgb, ...])   # face crop -> {(region, size): uint8 (B, 3, S, S)}
     p_fake, per_expert = detector.score_crops(batch)
 
 Used by `infer.py`, `ensemble.fit`, `ensemble.evaluate` and the benchmarks, so every

@@ -6,7 +6,9 @@ An expert is an `nn.Module` that takes a float batch in [0, 1] (B, 3, H, W) and 
   embed(x)           -> feature vectors (B, D) for clustering and t-SNE
   training_loss(x, y, loss_cfg) -> (loss, {name: float}), used by the one trainer; an
       expert with `learns_boundaries` also takes the editing fakes' blending boundaries.
-Normalisation (mean/std) is a buffer of the expert, so it is saved with the weights.
+Normalisation (mean/std) is a buffer of the expert, so it is saved with the weights. What it
+reads is `region` (`expert.<name>.region`: the whole face crop or the mouth, data_prep/regions.py)
+at `image_size`; the loaders and the predictor cut and resize the crop for it.
 The hooks the trainer calls on every expert, each with a default here: `training_samples`
 (what it learns from), `trainable_parameters` (what the optimizer updates), `finalize` (after
 training, with the best weights) and `gradcam_layer` (what Grad-CAM explains).

@@ -16,7 +16,9 @@ from data_prep.faces import FaceCropCache
 from data_prep.loaders import FaceCropDataset
 from data_prep.regions import FALLBACK_SIDE, MOUTH_SIDE, crop_region, region_box, region_tensor
 from data_prep.transforms import crop_to_tensor
+from ensemble.onnx_backend import onnx_detector
 from ensemble.predictor import EnsembleDetector, crop_to_inputs, score_samples
+from experts import export_onnx
 from experts import train as experts_train
 from experts.base import check_expert_config
 from experts.weights import MANIFEST
@@ -109,8 +111,14 @@ def test_a_mouth_expert_trains_exports_and_scores(demo_root, tmp_path, crop_cach
     assert experts_train.main([str(demo_root)] + args) == 0
     manifest = json.loads((tmp_path / "weights" / MANIFEST).read_text())
     assert manifest["experts"]["mouth"]["expert_config"]["region"] == "mouth"
-    detector = EnsembleDetector.from_weights(tmp_path / "weights", device="cpu")
+    detector = EnsembleDetector.from_weights(tmp_path / "weights", device="cpu", precision="fp32")  # as ONNX
     assert detector.input_keys == [("mouth", 48)]
     paths = sorted((demo_root / "testset").iterdir())[:4]
     p_fake, _, errors = score_samples(detector, paths, batch_size=2)
     assert not errors and p_fake.shape == (4,) and ((p_fake >= 0) & (p_fake <= 1)).all()
+    # the ONNX export records the region, and its detector cuts the same mouth
+    assert export_onnx.main(["--weights", str(tmp_path / "weights"), "--out", str(tmp_path / "onnx")]) == 0
+    exported = onnx_detector(tmp_path / "onnx")
+    assert exported.input_keys == [("mouth", 48)]
+    p_onnx, _, _ = score_samples(exported, paths, batch_size=2)
+    assert np.abs(p_onnx - p_fake).max() < 1e-3
