@@ -273,7 +273,8 @@ def export(run: ExpertRun, rt: Runtime, splits: dict, started: float) -> dict:
     """Load the best EMA weights (or the SWA mean), let the expert finalize itself, write weights
     + manifest, the history and the validation scores; the summary recorded in the manifest."""
     cfg, expert = run.cfg, run.expert
-    train_eval = make_loader(FaceCropDataset(run.train_samples, run.crops, run.size, cfg, train=False), cfg)
+    train_eval = make_loader(FaceCropDataset(run.train_samples, run.crops, run.size, cfg, train=False,
+                                             region=expert.region), cfg)  # BatchNorm of the SWA mean: its inputs
     if run.swa_epochs:  # experts/swa.py
         load_average(expert, run.swa, run.swa_epochs, (to_input(x, rt.device, False) for x, _ in train_eval),
                      run.export_name)

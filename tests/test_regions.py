@@ -122,3 +122,21 @@ def test_a_mouth_expert_trains_exports_and_scores(demo_root, tmp_path, crop_cach
     assert exported.input_keys == [("mouth", 48)]
     p_onnx, _, _ = score_samples(exported, paths, batch_size=2)
     assert np.abs(p_onnx - p_fake).max() < 1e-3
+
+
+def test_every_crop_the_trainer_gives_a_mouth_expert_is_its_mouth(demo_root, tmp_path, crop_cache, monkeypatch):
+    """Training, validation, and the training crops that re-measure BatchNorm for the SWA mean
+    (and that a DAE finalizes on): all cut to the expert's region."""
+    regions = []
+    build = experts_train.FaceCropDataset
+
+    def recording(*args, **kwargs):
+        regions.append(kwargs.get("region", "face"))
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(experts_train, "FaceCropDataset", recording)
+    args = tiny_overrides(tmp_path, epochs=2, experts="mouth", cache_dir=crop_cache) + [
+        "expert.mouth.kind=resnet", "expert.mouth.model=test_resnet", "expert.mouth.region=mouth",
+        "expert.mouth.image_size=48", "expert.mouth.swa_fraction=0.5"]
+    assert experts_train.main([str(demo_root)] + args) == 0
+    assert len(regions) == 3 and set(regions) == {"mouth"}
