@@ -140,8 +140,7 @@ class ExpertRun:
 def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: str | None = None) -> ExpertRun:
     """The expert `name` of the config, its loaders and its optimizer, before the first epoch."""
     ecfg = cfg.expert_config(name)
-    size = ecfg.image_size or cfg.data.image_size
-    epochs = ecfg.epochs or cfg.train.epochs
+    size, epochs = ecfg.image_size or cfg.data.image_size, ecfg.epochs or cfg.train.epochs
     export_name = export_name or name
     show = rt.is_main and (sys.stderr.isatty() or os.environ.get("FORCE_TQDM") == "1")
     seed = seed_of(cfg, ecfg)
@@ -274,7 +273,7 @@ def export(run: ExpertRun, rt: Runtime, splits: dict, started: float) -> dict:
     + manifest, the history and the validation scores; the summary recorded in the manifest."""
     cfg, expert = run.cfg, run.expert
     train_eval = make_loader(FaceCropDataset(run.train_samples, run.crops, run.size, cfg, train=False,
-                                             region=expert.region), cfg)  # BatchNorm of the SWA mean: its inputs
+                                             region=expert.region), cfg)  # SWA's BatchNorm sees what the expert sees
     if run.swa_epochs:  # experts/swa.py
         load_average(expert, run.swa, run.swa_epochs, (to_input(x, rt.device, False) for x, _ in train_eval),
                      run.export_name)
