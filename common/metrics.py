@@ -82,6 +82,14 @@ def roc_auc(y, p):
     return float(skm.roc_auc_score(y, p))
 
 
+def safe_auc(y, p) -> float:
+    """`roc_auc`, or NaN where a split holds one class only (a validation curve goes on)."""
+    try:
+        return roc_auc(y, p)
+    except ValueError:
+        return float("nan")
+
+
 def average_precision(y, p):
     """Average precision with fake as the positive class (ValueError if only one class)."""
     y, p = _as_labels_and_scores(y, p)

@@ -144,6 +144,7 @@ class ExpertConfig:
                                    # (SWA, BatchNorm statistics measured again), not the best-validated EMA weights
     swa_lr: float = 0.0            # with swa_fraction: anneal to this share of lr before the averaged epochs, then
                                    # hold it through them (0: the cosine runs to 0 at the last epoch)
+    online_fakes: float = -1.0     # share of its training reals made editing fakes on the fly; -1 = data.online_fakes
     online_fake_ops: list[str] = field(default_factory=list)  # its training fakes' editing ops; empty = data's
     augment: dict[str, float] = field(default_factory=dict)   # its own `augment.*` values, e.g. {jpeg: 0.3}
     loss: dict[str, typing.Any] = field(default_factory=dict)  # its own `loss.*` values, e.g. {kl: 1.0}
@@ -325,6 +326,12 @@ def loss_of(cfg: Config, expert: ExpertConfig, name: str = "") -> LossConfig:
 def seed_of(cfg: Config, expert: ExpertConfig) -> int:
     """The seed an expert trains under: its own `expert.<name>.seed`, else the run's `seed`."""
     return cfg.seed if expert.seed < 0 else expert.seed
+
+
+def online_fakes_of(cfg: Config, expert: ExpertConfig) -> float:
+    """The share of an expert's training reals made editing fakes on the fly: its own
+    `expert.<name>.online_fakes`, else the run's `data.online_fakes`."""
+    return cfg.data.online_fakes if expert.online_fakes < 0 else expert.online_fakes
 
 
 def config_from(args, data_root: str | None = None) -> Config:

@@ -44,7 +44,7 @@ EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
 EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
 # Read by the trainer for every kind, so never an error.
 TRAINER_FIELDS = frozenset({"kind", "image_size", "region", "patch_size", "epochs", "swa_fraction", "swa_lr", "lr",
-                            "seed", "validate_every", "online_fake_ops", "augment", "loss"})
+                            "seed", "validate_every", "online_fakes", "online_fake_ops", "augment", "loss"})
 
 
 def register_expert(kind: str, aliases: tuple[str, ...] = ()):
@@ -88,6 +88,9 @@ def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Exp
     if cfg.seed < -1:
         raise ConfigError(f"{prefix}seed: {cfg.seed} is negative (-1 = the run's seed)")
     check_region(cfg.region, f"{prefix}region")
+    if not (cfg.online_fakes == -1 or 0 <= cfg.online_fakes <= 1):
+        raise ConfigError(f"{prefix}online_fakes: {cfg.online_fakes} is not a share of the training reals "
+                          "(0 to 1; -1 = data.online_fakes)")
     if cfg.boundary_loss < 0:
         raise ConfigError(f"{prefix}boundary_loss: {cfg.boundary_loss} is negative (0 = off)")
     augment_of(Config(), cfg, name)  # its augment keys must name augmentation settings

@@ -40,9 +40,9 @@ from common.cli import CommandLine, entry_point
 from common.errors import UsageError
 from common.files import atomic_write
 from common.inputs import to_unit_float
-from common.metrics import roc_auc
+from common.metrics import safe_auc
 from common.runtime import Runtime, mixed_precision, sample_seed, seed_everything, setup_runtime
-from configs import Config, augment_of, config_from, loss_of, seed_of, to_dict
+from configs import Config, augment_of, config_from, loss_of, online_fakes_of, seed_of, to_dict
 from data_prep.dataset import Sample, load_splits, read_extra_reals, summarize
 from data_prep.faces import FaceCropCache
 from data_prep.folds import fold_samples, read_folds
@@ -90,13 +90,6 @@ def predict(model, loader, device, channels_last=False, amp_dtype=None, show=Fal
             scores.append(model.predict_proba(to_input(x, device, channels_last)).float().cpu())
         labels.append(y)
     return torch.cat(scores).numpy(), torch.cat(labels).numpy()
-
-
-def safe_auc(y, p) -> float:
-    try:
-        return float(roc_auc(y, p))
-    except ValueError:
-        return float("nan")
 
 
 # ----------------------------------------------------------------------------- one expert
@@ -150,8 +143,9 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
     expert = create_expert(ecfg, size).to(rt.device)
     train_samples = expert.training_samples(splits)
     reals_only = expert.trains_on_real_only  # then: no editing fake, no class balance to draw
+    online_fakes = 0.0 if reals_only else online_fakes_of(cfg, ecfg)
     train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True, patch_size=ecfg.patch_size,
-                                online_fakes=0.0 if reals_only else None, fake_ops=ecfg.online_fake_ops,
+                                online_fakes=online_fakes, fake_ops=ecfg.online_fake_ops,
                                 boundaries=expert.learns_boundaries, augment=augment_of(cfg, ecfg, name), seed=seed,
                                 region=ecfg.region)
     # A reals-only valset (training on reals + editing fakes) is validated on its reals and
@@ -369,7 +363,7 @@ def train_experts(cfg: Config) -> None:
     kinds = [check_expert_config(cfg.expert_config(name), name) for name in cfg.experts]
     rt = setup_runtime(cfg.device, cfg.threads)
     splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods,
-                         allow_real_only=cfg.data.online_fakes > 0)
+                         allow_real_only=any(online_fakes_of(cfg, cfg.expert_config(n)) > 0 for n in cfg.experts))
     suffix = ""
     if cfg.data.folds_csv:  # leave-one-cluster-out: fold k validates on cluster k
         pool = splits["trainset"] + splits["valset"]
