@@ -33,8 +33,7 @@ from configs import ConfigError, FaceConfig
 from data_prep.faces import crop_face
 from data_prep.images import ImageDecodeError, decode_image
 from data_prep.landmarks import detect_landmarks
-from data_prep.regions import crop_region
-from data_prep.transforms import crop_to_tensor
+from data_prep.regions import region_tensor
 from experts.weights import WeightsError, face_config_of, load_expert, read_manifest, verified_file
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -80,7 +79,7 @@ def crop_to_inputs(crop: np.ndarray, keys) -> dict[InputKey, torch.Tensor]:
     """A face crop (H x W x 3 uint8) -> {(region, size): uint8 tensor (3, S, S)}, cut and
     resized as in training; the landmarks are found once, and only when a region needs them."""
     points = detect_landmarks(crop) if any(region != "face" for region, _ in keys) else None
-    return {(region, size): crop_to_tensor(crop_region(crop, points, region), size) for region, size in keys}
+    return {(region, size): region_tensor(crop, region, size, points) for region, size in keys}
 
 
 @dataclass
