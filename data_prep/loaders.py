@@ -130,7 +130,10 @@ class FaceCropDataset(Dataset):
             target, boundary = 1, (blending_boundary(mask) if self.boundaries else None)
         if self.cutout > 0 and rng.random() < self.cutout:
             image = self.cut_out(sample.path, image, rng)
-        image, boundary = self.in_region(i, image), (None if boundary is None else self.in_region(i, boundary))
+        if self.region != "face":  # the crop's landmarks read once for the image and its boundary map
+            points = self.crops.landmarks(sample.path)
+            image = crop_region(image, points, self.region)
+            boundary = None if boundary is None else crop_region(boundary, points, self.region)
         self.augment.set_random_seed(int(rng.integers(2**31)))
         augmented = self.augment(image=image) if boundary is None else self.augment(image=image, mask=boundary)
         image = resize_square(augmented["image"], self.size)
@@ -144,8 +147,8 @@ class FaceCropDataset(Dataset):
         return to_tensor(image), target, torch.from_numpy(np.ascontiguousarray(boundary))[None]
 
     def in_region(self, i, image):
-        """`image` (the face crop, or a map aligned with it) cut to the expert's region, by the
-        landmarks of sample i's crop (an editing fake keeps its real's)."""
+        """`image` (the face crop) cut to the expert's region, by the landmarks of sample i's
+        crop (an editing fake keeps its real's)."""
         if self.region == "face":
             return image
         return crop_region(image, self.crops.landmarks(self.samples[i].path), self.region)

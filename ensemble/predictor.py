@@ -72,7 +72,7 @@ InputKey = tuple[str, int]  # (region of the face crop, input size): what one ex
 
 def input_key(model) -> InputKey:
     """The input an expert (torch or ONNX) reads: its region of the face crop at its size."""
-    return getattr(model, "region", "face"), model.image_size
+    return model.region, model.image_size
 
 
 def crop_to_inputs(crop: np.ndarray, keys) -> dict[InputKey, torch.Tensor]:
