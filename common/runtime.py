@@ -91,7 +91,7 @@ def mixed_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None,
     `auto`: bf16 where the device computes it natively (`native_bf16`), fp16 on a CUDA GPU
     without bf16, else off, as inference's `--precision auto` chooses. On the development
     CPU (avx512_bf16) bf16 trains the resnet expert 1.5x faster per epoch, and its FF++ AUC
-    held (README "Results"); on a CPU without bf16 units it would be emulated and slower than
+    held (RESULTS.md); on a CPU without bf16 units it would be emulated and slower than
     fp32, so `auto` stays fp32 there. `bf16` / `fp16` force it, `off` never."""
     if amp not in AMP_MODES:
         raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {amp!r}")

@@ -330,7 +330,7 @@ MANIPULATIONS = {
 # make_fakes, the demo). upsample_artefacts is left out: reals + editing fakes only
 # (protocol c of bench.generalization) fell from 0.542 to 0.524 (forensic expert) and from
 # 0.538 to 0.533 (resnet) with it, and whether it helps on fully generated faces cannot be
-# measured here (README "Results"). Name it to use it: data.online_fake_ops=[...].
+# measured here (RESULTS.md). Name it to use it: data.online_fake_ops=[...].
 DEFAULT_OPS = tuple(name for name in MANIPULATIONS if name != "upsample_artefacts")
 
 

@@ -6,7 +6,7 @@ in every inference path.
          on the face crop; the mouth's native pixels for an expert of about that input size.
          NeuralTextures and Face2Face change the mouth and the expression only, and a swap
          blends around mouth and chin: a mouth expert beside the cpu profile's three lifted
-         FF++ -> lfw_faceswap from 0.780 to 0.805, FF++ itself level (README "Results").
+         FF++ -> lfw_faceswap from 0.780 to 0.805, FF++ itself level (RESULTS.md).
 
     points = detect_landmarks(crop)                     # or FaceCropCache.landmarks(path)
     x0, y0, x1, y1 = region_box(crop.shape[:2], points, "mouth")

@@ -33,7 +33,7 @@ from ensemble.combiners import COMBINERS, DEFAULT_LGBM_PARAMS, LGBMCombiner, Log
 # one standard error of the best (the one-standard-error rule of Breiman et al., 1984): the
 # validation folds come from the methods the experts trained on, and a small CV lead of a
 # more flexible combiner is mostly fit to them. Measured on FF++: LightGBM led logistic
-# regression by 0.002 CV AUC and lost 0.03 on the testset and on lfw_faceswap (README).
+# regression by 0.002 CV AUC and lost 0.03 on the testset and on lfw_faceswap (RESULTS.md).
 AUTO_CANDIDATES = ("mean", "rank_mean", "logreg", "lgbm")
 
 STATE_FORMAT = "StackingEnsemble/1"

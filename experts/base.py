@@ -220,7 +220,8 @@ class NoiseResiduals(nn.Module):
     """Fixed SRM high-pass filters (steganalysis rich models, Fridrich & Kodovsky 2012) on
     the grey image: 3 noise-residual maps. Face swaps resample and blend the inner face, which
     changes its noise and high frequencies; a network trained from scratch on a few thousand
-    images finds those traces far sooner in the residuals than in RGB (measured: README)."""
+    images finds those traces far sooner in the residuals than in RGB (measured: RESULTS.md,
+    "Choosing the cpu experts")."""
 
     def __init__(self):
         super().__init__()

@@ -8,7 +8,7 @@ A generator, a blend or a re-rendered face leaves its own pairings: co-occurrenc
 detect GAN images (Nataraj et al. 2019) and were the FaceForensics++ paper's
 "steganalysis features" baseline. The forensic expert pools residual *energy* per face
 region; this one reads their *texture*, so the two fail on different faces (correlation of
-their validation scores 0.33 on FF++, README "Results").
+their validation scores 0.33 on FF++, RESULTS.md).
 
 Features, all fixed:
   for the horizontal and the vertical second difference of the grey image, each quantised

@@ -14,7 +14,7 @@ stage, as the model's own `feature_info` names it, whatever the architecture.
 
 The cpu profile's workhorse is one of these: `resnet10t` on RGB + SRM residuals, which
 trained from random initialisation on a few thousand faces learns face-swap traces within a
-few epochs, where ConvNeXt and EfficientNet from scratch barely move (README, "Choosing the
+few epochs, where ConvNeXt and EfficientNet from scratch barely move (RESULTS.md, "Choosing the
 cpu experts").
 """
 from __future__ import annotations
