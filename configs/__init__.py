@@ -104,6 +104,9 @@ class EnsembleConfig:
     cv: int = 5                    # folds of the meta-learner's own cross-validation
     editing_fakes: float = 0.0     # share of validation reals also fitted on as an editing fake of itself
     monotone: bool = True          # P(fake) may only grow with each expert's score (no negative weights)
+    # Platt-scale the stacker's output on the scored images (not the editing fakes, which tilt
+    # the class balance), from its cross-validated predictions: P(fake) that means what it says.
+    calibrate: bool = True
     # k-fold stacking (ensemble.oof): K > 0 fits the meta-learner on out-of-fold scores of
     # trainset+valset, every expert trained K more times (K + 1 trainings); 0 = valset hold-out.
     oof_folds: int = 0

@@ -80,7 +80,7 @@ class RankMeanCombiner:
         return cls([np.asarray(column, dtype=float) for column in state["sorted_columns"]])
 
 
-def _logit(p):
+def logit(p):
     p = np.clip(p, PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP)
     return np.log(p) - np.log1p(-p)
 
@@ -100,7 +100,7 @@ class LogRegCombiner:
         self.monotone = monotone
 
     def fit(self, X, y):
-        z = _logit(X)
+        z = logit(X)
         self.mean = z.mean(axis=0)
         self.scale = z.std(axis=0)
         self.scale[self.scale == 0] = 1.0  # constant column: leave it unscaled
@@ -109,11 +109,11 @@ class LogRegCombiner:
             model = LogisticRegression(C=1.0, max_iter=1000).fit(z, y)
             self.coef, self.intercept = model.coef_.ravel(), float(model.intercept_[0])
         else:
-            self.coef, self.intercept = _nonnegative_logistic(z, y, self.monotone, C=1.0)
+            self.coef, self.intercept = nonnegative_logistic(z, y, self.monotone, C=1.0)
         return self
 
     def predict(self, X):
-        z = (_logit(X) - self.mean) / self.scale
+        z = (logit(X) - self.mean) / self.scale
         return 1.0 / (1.0 + np.exp(-(z @ self.coef + self.intercept)))
 
     def to_state(self):
@@ -126,7 +126,7 @@ class LogRegCombiner:
                    np.asarray(state["coef"]), float(state["intercept"]))
 
 
-def _nonnegative_logistic(z, y, monotone, C):
+def nonnegative_logistic(z, y, monotone, C):
     """L2-regularised logistic regression (sklearn's objective: 0.5 |w|^2 + C * log-loss)
     whose coefficient j is >= 0 wherever monotone[j] is 1 (Breiman's non-negative stacking)."""
     from scipy.optimize import minimize

@@ -16,7 +16,9 @@ mean by the meta-learner's own cross-validated AUC and keeps the best. With
 editing fake of itself: fakes of no method the experts were trained on, so that the
 meta-learner rewards the experts that catch unseen manipulations. `ensemble.meta_features`
 adds inputs beyond the scores (and TTA spreads): `dae_terms`, the DAE's three error terms.
-The result goes to `<out>/ensemble.json` (JSON, no pickle) and the manifest.
+With `ensemble.calibrate` (the default) the stacker's output is then Platt-scaled on the
+scored images alone, so that editing fakes, which double the fakes of a hold-out fit, do not
+inflate every P(fake). The result goes to `<out>/ensemble.json` (JSON, no pickle) and the manifest.
 """
 from __future__ import annotations
 
@@ -97,9 +99,9 @@ def holdout_rows(cfg: Config, splits: dict) -> StackingRows:
 
 
 def stacking_matrix(cfg: Config, row_sets: list[StackingRows], final: EnsembleDetector
-                    ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(X, y, number of editing fakes among the rows): the experts' features of every
-    readable image of every row set, then of the editing fakes of some of its reals.
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X, y, which rows are editing fakes): the experts' features of every readable image
+    of every row set, then of the editing fakes of some of its reals.
     `final`: the experts of `out` the stacker will combine (its columns; it scores the
     hold-out rows itself rather than being loaded twice).
     Checked twice that no row is scored by an expert that trained on it: by content before
@@ -110,7 +112,7 @@ def stacking_matrix(cfg: Config, row_sets: list[StackingRows], final: EnsembleDe
     # different images that share a name are not confused. Every set before any scoring.
     row_ids = [check_no_trainset_copies(rows.samples, rows.trained, rows.where, rows.name, rows.remedy)
                for rows in row_sets]
-    blocks, targets, n_editing = [], [], 0
+    blocks, targets, editing = [], [], []
     rng = np.random.default_rng(cfg.seed)
     for rows, ids in zip(row_sets, row_ids):
         if rows.weights == Path(cfg.out) and rows.experts == list(final.experts):
@@ -128,14 +130,15 @@ def stacking_matrix(cfg: Config, row_sets: list[StackingRows], final: EnsembleDe
         scores = {col: dict(zip([ids[i] for i in keep], features[keep, j])) for j, col in enumerate(own)}
         blocks.append(assemble_oof_matrix(scores, {col: set(rows.trained) for col in own}, [ids[i] for i in keep]))
         targets.append(np.array([rows.samples[i].target for i in keep], dtype=int))
+        editing.append(np.zeros(len(keep), dtype=bool))
         if cfg.ensemble.editing_fakes > 0:
             reals = [rows.samples[i] for i in keep if rows.samples[i].target == 0]
             chosen = sorted(rng.permutation(len(reals))[: round(cfg.ensemble.editing_fakes * len(reals))])
             fakes = editing_fake_features(detector, [reals[i] for i in chosen], cfg)
             blocks.append(fakes)
             targets.append(np.ones(len(fakes), dtype=int))
-            n_editing += len(fakes)
-    return np.vstack(blocks), np.concatenate(targets), n_editing
+            editing.append(np.ones(len(fakes), dtype=bool))
+    return np.vstack(blocks), np.concatenate(targets), np.concatenate(editing)
 
 
 def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
@@ -155,7 +158,8 @@ def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
         row_sets = out_of_fold_rows(cfg, pool, {s.name: content_id(s.path) for s in pool})
     else:
         row_sets = [holdout_rows(cfg, splits)]
-    X, y, n_editing = stacking_matrix(cfg, row_sets, detector)
+    X, y, editing = stacking_matrix(cfg, row_sets, detector)
+    n_editing = int(editing.sum())
 
     counts = np.bincount(y, minlength=2)
     if counts.min() < 2:
@@ -166,7 +170,8 @@ def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
     monotone = [int(cfg.ensemble.monotone and col in detector.experts) for col in columns]
     stacker = StackingEnsemble(method=cfg.ensemble.method, cv=cfg.ensemble.cv, random_state=cfg.seed,
                                feature_names=columns, monotone=monotone,
-                               n_scores=len(detector.experts)).fit(X, y)
+                               n_scores=len(detector.experts), calibrate=cfg.ensemble.calibrate
+                               ).fit(X, y, calibration_rows=~editing)
     out = Path(cfg.out)
     path = out / ENSEMBLE_FILE
     write_files_atomically({path: json.dumps(stacker.to_state()).encode()})  # a full disk: one line
@@ -176,6 +181,9 @@ def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
     entry = {"file": path.name, "sha256": sha256_file(path), "experts": list(detector.experts),
              "tta": detector.tta, "meta_features": detector.meta_features, "method": stacker.method_,
              "feature_names": columns, "cv_auc": stacker.cv_auc_,
+             "calibration": {"slope": stacker.calibration_[0], "intercept": stacker.calibration_[1],
+                             "fitted_on": "the scored images, not the editing fakes"}
+             if cfg.ensemble.calibrate else None,
              "fitted_on": fitted_on + (f" + {n_editing} editing fakes of its reals" if n_editing else "")}
     update_manifest(out, "ensemble", "stacker", entry)
     log.info("stacker: %s (cross-validated AUC %s) -> %s", stacker.method_,

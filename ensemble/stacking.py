@@ -11,8 +11,13 @@ four combiners by cross-validated AUC and keeps the best:
   logreg     logistic regression on logit-transformed, standardised scores
   lgbm       small LightGBM model
 
-(each in `ensemble.combiners`). The fitted ensemble is saved as JSON via ``to_state`` /
-``from_state`` (no pickle, so a saved model cannot run code when loaded).
+(each in `ensemble.combiners`). With ``calibrate`` (the default) the chosen combiner's output is
+then mapped by a logistic curve in its logit (Platt scaling), fitted on that combiner's
+cross-validated predictions of the calibration rows: the probabilities then mean what they
+say on data like those rows, whatever else the combiner was fitted on (editing fakes, which
+tilt the class balance). A monotone map: every ranking metric is unchanged. The fitted
+ensemble is saved as JSON via ``to_state`` / ``from_state`` (no pickle, so a saved model
+cannot run code when loaded).
 
 A stacker is only honest if every score it sees is out-of-fold: no expert may
 score a sample it was trained on. ``check_out_of_fold`` and
@@ -27,7 +32,7 @@ from sklearn.utils.multiclass import check_classification_targets, type_of_targe
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from common.errors import UserError
-from ensemble.combiners import COMBINERS, DEFAULT_LGBM_PARAMS, LGBMCombiner, LogRegCombiner
+from ensemble.combiners import COMBINERS, DEFAULT_LGBM_PARAMS, LGBMCombiner, LogRegCombiner, logit, nonnegative_logistic
 
 # 'auto' tries these in order, simplest first, and keeps the simplest whose CV AUC is within
 # one standard error of the best (the one-standard-error rule of Breiman et al., 1984): the
@@ -69,14 +74,17 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
     n_scores : how many leading columns are expert scores, the only ones the plain and
         rank means average (the others, e.g. TTA spreads, are inputs of the learned
         combiners only); None = every column.
+    calibrate : Platt-scale the combiner's output on the calibration rows (`fit`'s
+        ``calibration_rows``, default every row), from its cross-validated predictions.
 
     Fitted attributes: ``method_`` (chosen combiner), ``cv_auc_`` (method ->
-    CV AUC; only the fixed method unless 'auto'), ``n_features_in_``, ``classes_``, and
+    CV AUC; only the fixed method unless 'auto'), ``calibration_`` ((slope, intercept) of
+    the map of the combiner's logit; (1, 0) = none), ``n_features_in_``, ``classes_``, and
     ``feature_names_in_`` when X was a DataFrame (scikit-learn's convention).
     """
 
     def __init__(self, method="auto", cv=5, random_state=0, feature_names=None, lgbm_params=None,
-                 monotone=None, n_scores=None):
+                 monotone=None, n_scores=None, calibrate=True):
         self.method = method
         self.cv = cv
         self.random_state = random_state
@@ -84,6 +92,7 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
         self.lgbm_params = lgbm_params
         self.monotone = monotone
         self.n_scores = n_scores
+        self.calibrate = calibrate
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -92,7 +101,10 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
 
     # -- fitting -----------------------------------------------------------
 
-    def fit(self, X, y):
+    def fit(self, X, y, calibration_rows=None):
+        """Choose and fit the combiner on every row; `calibration_rows` (a boolean mask or
+        indices, default every row): the rows whose class balance and scores the
+        probabilities are calibrated to."""
         if self.method != "auto" and self.method not in COMBINERS:
             raise ValueError(f"unknown method {self.method!r}; use 'auto' or one of {sorted(COMBINERS)}")
         X, y = validate_data(self, X, y, dtype=float)
@@ -111,12 +123,18 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
             raise ValueError(f"n_scores={self.n_scores} score columns, but X has {X.shape[1]} columns")
 
         candidates = AUTO_CANDIDATES if self.method == "auto" else (self.method,)
-        fold_aucs = {name: self._cross_validated_auc(name, X, y) for name in candidates}
+        cross_validated = {name: self._cross_validated(name, X, y) for name in candidates}
+        fold_aucs = {name: aucs for name, (aucs, _) in cross_validated.items()}
         self.cv_auc_ = {name: float(np.mean(aucs)) for name, aucs in fold_aucs.items()}
         best = max(candidates, key=lambda name: self.cv_auc_[name])
         standard_error = float(np.std(fold_aucs[best], ddof=1) / np.sqrt(len(fold_aucs[best])))
         self.method_ = next(name for name in candidates if self.cv_auc_[name] >= self.cv_auc_[best] - standard_error)
         self.combiner_ = self._new_combiner(self.method_).fit(X, y)
+        self.calibration_ = (1.0, 0.0)
+        if self.calibrate:
+            rows = np.arange(len(y)) if calibration_rows is None else np.asarray(calibration_rows)
+            out_of_fold = cross_validated[self.method_][1]
+            self.calibration_ = platt_scaling(out_of_fold[rows], y[rows])
         return self
 
     def _new_combiner(self, name):
@@ -130,17 +148,19 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
             return LogRegCombiner(monotone=monotone)
         return COMBINERS[name](n_columns=self.n_scores)  # mean, rank_mean: of the scores only
 
-    def _cross_validated_auc(self, name, X, y) -> list[float]:
-        """AUC on each stratified fold of a fresh combiner fitted on the other folds."""
+    def _cross_validated(self, name, X, y) -> tuple[list[float], np.ndarray]:
+        """(AUC on each stratified fold, every row's prediction) of a fresh combiner fitted
+        on the other folds."""
         n_splits = min(self.cv, int(np.bincount(y).min()))
         if n_splits < 2:
             raise ValueError("need at least 2 samples of each class for cross-validation")
         folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=self.random_state)
-        aucs = []
+        aucs, out_of_fold = [], np.zeros(len(y))
         for train, test in folds.split(X, y):
             combiner = self._new_combiner(name).fit(X[train], y[train])
-            aucs.append(roc_auc_score(y[test], combiner.predict(X[test])))
-        return aucs
+            out_of_fold[test] = combiner.predict(X[test])
+            aucs.append(roc_auc_score(y[test], out_of_fold[test]))
+        return aucs, out_of_fold
 
     # -- prediction --------------------------------------------------------
 
@@ -149,6 +169,9 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, self._columns_in_training_order(X), dtype=float, reset=False)
         p_fake = np.clip(self.combiner_.predict(X), 0.0, 1.0)
+        slope, intercept = getattr(self, "calibration_", (1.0, 0.0))
+        if (slope, intercept) != (1.0, 0.0):
+            p_fake = 1.0 / (1.0 + np.exp(-(slope * logit(p_fake) + intercept)))
         return np.column_stack([1.0 - p_fake, p_fake])
 
     def predict(self, X):
@@ -187,6 +210,7 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
             "feature_names_in_": None if fitted_names is None else [str(n) for n in fitted_names],
             "classes_": self.classes_.tolist(),
             "combiner": self.combiner_.to_state(),
+            "calibration_": [float(v) for v in self.calibration_],
         }
 
     @classmethod
@@ -203,7 +227,19 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
             ensemble.feature_names_in_ = np.asarray(fitted_names, dtype=object)
         ensemble.classes_ = np.asarray(state.get("classes_", [0, 1]))
         ensemble.combiner_ = COMBINERS[ensemble.method_].from_state(state["combiner"])
+        # States written before calibration existed predict as they did: no map.
+        ensemble.calibration_ = tuple(float(v) for v in state.get("calibration_", (1.0, 0.0)))
         return ensemble
+
+
+def platt_scaling(p, y) -> tuple[float, float]:
+    """(slope, intercept) of P(fake) = sigmoid(slope * logit(p) + intercept) fitted to the
+    labels y (Platt, 1999), the slope kept >= 0 so that no ranking turns round; (1, 0), no
+    map, where the scores do not rank fakes above reals at all (slope 0)."""
+    slope, intercept = nonnegative_logistic(logit(np.asarray(p, float))[:, None], np.asarray(y), [1], C=1e4)
+    if slope[0] <= 0.0:
+        return 1.0, 0.0
+    return float(slope[0]), intercept
 
 
 # --------------------------------------------------------------------------

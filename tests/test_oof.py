@@ -42,9 +42,9 @@ def oof_run(demo_root, tmp_path_factory, crop_cache):
     fitted_on = []  # the (X, y) the stacker is fitted on
     fit = StackingEnsemble.fit
 
-    def recording_fit(self, X, y):
+    def recording_fit(self, X, y, **kwargs):
         fitted_on.append((X, y))
-        return fit(self, X, y)
+        return fit(self, X, y, **kwargs)
 
     with mock.patch.object(StackingEnsemble, "fit", recording_fit):
         assert ensemble_fit.main([str(demo_root)] + overrides) == 0

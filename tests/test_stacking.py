@@ -7,11 +7,13 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+from common.metrics import expected_calibration_error
 from ensemble.stacking import (
     LeakageError,
     StackingEnsemble,
     assemble_oof_matrix,
     check_out_of_fold,
+    platt_scaling,
 )
 
 METHODS = ["mean", "rank_mean", "logreg", "lgbm"]
@@ -78,11 +80,11 @@ def test_auto_keeps_the_simplest_combiner_within_one_standard_error(monkeypatch)
 
     def fold_aucs(logreg_mean):
         table = {"mean": [0.6] * 5, "rank_mean": [0.6] * 5, "logreg": [logreg_mean] * 5, "lgbm": lgbm_folds}
-        return lambda self, name, X, y: table[name]
+        return lambda self, name, X, y: (table[name], X[:, 0])
 
-    monkeypatch.setattr(StackingEnsemble, "_cross_validated_auc", fold_aucs(0.700))
+    monkeypatch.setattr(StackingEnsemble, "_cross_validated", fold_aucs(0.700))
     assert StackingEnsemble(method="auto").fit(X, y).method_ == "logreg"
-    monkeypatch.setattr(StackingEnsemble, "_cross_validated_auc", fold_aucs(0.690))
+    monkeypatch.setattr(StackingEnsemble, "_cross_validated", fold_aucs(0.690))
     assert StackingEnsemble(method="auto").fit(X, y).method_ == "lgbm"
 
 
@@ -141,7 +143,7 @@ def test_rejects_bad_input(train_test):
 
 def test_rank_mean_scores_a_single_row(train_test):
     X_train, y_train, X_test, _ = train_test
-    model = StackingEnsemble(method="rank_mean").fit(X_train, y_train)
+    model = StackingEnsemble(method="rank_mean", calibrate=False).fit(X_train, y_train)
     one_row = model.predict_proba(X_test[:1])
     assert one_row.shape == (1, 2)
     assert one_row == pytest.approx(model.predict_proba(X_test)[:1])
@@ -277,10 +279,10 @@ def test_plain_and_rank_means_average_only_the_score_columns(train_test):
     """With n_scores, a TTA spread or DAE error term after the scores is an input of the learned
     combiners only: the plain and rank means stay means of the expert scores."""
     X_train, y_train, X_test, _ = train_test
-    mean = StackingEnsemble(method="mean", n_scores=2).fit(X_train, y_train)
+    mean = StackingEnsemble(method="mean", n_scores=2, calibrate=False).fit(X_train, y_train)
     np.testing.assert_allclose(mean.predict_proba(X_test)[:, 1], X_test[:, :2].mean(axis=1))
-    ranks = StackingEnsemble(method="rank_mean", n_scores=2).fit(X_train, y_train)
-    only_scores = StackingEnsemble(method="rank_mean").fit(X_train[:, :2], y_train)
+    ranks = StackingEnsemble(method="rank_mean", n_scores=2, calibrate=False).fit(X_train, y_train)
+    only_scores = StackingEnsemble(method="rank_mean", calibrate=False).fit(X_train[:, :2], y_train)
     np.testing.assert_allclose(ranks.predict_proba(X_test), only_scores.predict_proba(X_test[:, :2]))
     for model in (mean, ranks):
         restored = StackingEnsemble.from_state(json.loads(json.dumps(model.to_state())))
@@ -291,7 +293,60 @@ def test_plain_and_rank_means_average_only_the_score_columns(train_test):
 
 def test_a_mean_state_written_before_n_scores_averages_every_column(train_test):
     X_train, y_train, X_test, _ = train_test
-    state = json.loads(json.dumps(StackingEnsemble(method="mean").fit(X_train, y_train).to_state()))
+    state = json.loads(json.dumps(StackingEnsemble(method="mean", calibrate=False).fit(X_train, y_train).to_state()))
     del state["params"]["n_scores"]
     state["combiner"] = {}
     np.testing.assert_allclose(StackingEnsemble.from_state(state).predict_proba(X_test)[:, 1], X_test.mean(axis=1))
+
+
+# -- calibration -----------------------------------------------------------------------
+
+def with_extra_fakes(n, seed):
+    """Balanced scored rows, then as many extra fakes as there are reals, which the expert
+    (column 0) scores like reals: the editing fakes of a hold-out fit."""
+    X, y = synthetic_expert_scores(n, seed=seed, n_noise=2)
+    rng = np.random.default_rng(seed + 100)
+    n_reals = int((y == 0).sum())
+    extra = np.column_stack([1 / (1 + np.exp(-(-1.0 + rng.normal(0, 1, n_reals))))] +
+                            [rng.random(n_reals) for _ in range(2)])
+    scored = np.r_[np.ones(len(y), bool), np.zeros(n_reals, bool)]
+    return np.vstack([X, extra]), np.r_[y, np.ones(n_reals, int)], scored
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_calibration_on_the_scored_rows_undoes_the_tilt_of_extra_fakes(method):
+    X, y, scored = with_extra_fakes(400, seed=0)
+    X_test, y_test = synthetic_expert_scores(400, seed=1, n_noise=2)
+    raw = StackingEnsemble(method=method, calibrate=False).fit(X, y).predict_proba(X_test)[:, 1]
+    calibrated = StackingEnsemble(method=method).fit(X, y, calibration_rows=scored).predict_proba(X_test)[:, 1]
+    assert expected_calibration_error(y_test, calibrated) < 0.08
+    assert expected_calibration_error(y_test, calibrated) < 0.7 * expected_calibration_error(y_test, raw)
+    assert abs(calibrated.mean() - y_test.mean()) < 0.05
+    # a monotone map: the ranking, and every ranking metric, is the combiner's own
+    order = np.argsort(raw, kind="stable")
+    assert np.all(np.diff(calibrated[order]) >= -1e-12)
+    assert roc_auc_score(y_test, calibrated) == pytest.approx(roc_auc_score(y_test, raw), abs=1e-9)
+
+
+def test_calibration_rows_accept_indices_as_a_mask():
+    X, y, scored = with_extra_fakes(200, seed=2)
+    by_mask = StackingEnsemble(method="logreg").fit(X, y, calibration_rows=scored)
+    by_index = StackingEnsemble(method="logreg").fit(X, y, calibration_rows=np.flatnonzero(scored))
+    assert by_mask.calibration_ == by_index.calibration_ != (1.0, 0.0)
+
+
+def test_platt_scaling_never_turns_a_ranking_round():
+    y = np.tile([0, 1], 50)
+    assert platt_scaling(np.where(y == 1, 0.2, 0.8), y) == (1.0, 0.0)  # scores rank fakes below reals
+    slope, intercept = platt_scaling(np.where(y == 1, 0.7, 0.3) + np.linspace(-0.05, 0.05, 100), y)
+    assert slope > 0
+
+
+def test_a_state_written_before_calibration_predicts_as_it_did(train_test):
+    X_train, y_train, X_test, _ = train_test
+    uncalibrated = StackingEnsemble(method="logreg", calibrate=False).fit(X_train, y_train)
+    state = json.loads(json.dumps(StackingEnsemble(method="logreg").fit(X_train, y_train).to_state()))
+    del state["calibration_"], state["params"]["calibrate"]
+    restored = StackingEnsemble.from_state(state)
+    assert restored.calibration_ == (1.0, 0.0)
+    np.testing.assert_array_equal(restored.predict_proba(X_test), uncalibrated.predict_proba(X_test))

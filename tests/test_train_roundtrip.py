@@ -87,6 +87,32 @@ def test_fit_with_editing_fakes_of_the_validation_reals(trained_ensemble, demo_r
     n_reals = sum(s.target == 0 for s in val)
     assert stacker["fitted_on"] == (f"valset ({len(val)} images, hold-out) + {round(0.5 * n_reals)} "
                                     f"editing fakes of its reals")
+    assert stacker["calibration"]["fitted_on"] == "the scored images, not the editing fakes"
+    assert stacker["calibration"]["slope"] >= 0
+
+
+def test_the_stacker_is_calibrated_on_the_scored_images_only(trained_ensemble, demo_root, tmp_path):
+    """The editing fakes enter the combiner's fit but not its calibration: they would tilt
+    every P(fake) towards fake."""
+    from unittest import mock
+
+    from data_prep.dataset import load_splits
+    from ensemble.stacking import StackingEnsemble
+    weights = copy_weights(trained_ensemble, tmp_path)
+    overrides = [o for o in trained_ensemble["overrides"] if not o.startswith("out=")]
+    calls, fit = [], StackingEnsemble.fit
+
+    def recording_fit(self, X, y, calibration_rows=None):
+        calls.append((y, calibration_rows))
+        return fit(self, X, y, calibration_rows=calibration_rows)
+
+    with mock.patch.object(StackingEnsemble, "fit", recording_fit):
+        assert ensemble_fit.main([str(demo_root), *overrides, f"out={weights}", "ensemble.editing_fakes=1.0"]) == 0
+    (y, rows), = calls
+    val = load_splits(demo_root)["valset"]
+    n_reals = sum(s.target == 0 for s in val)
+    assert len(y) == len(val) + n_reals and rows.sum() == len(val)
+    assert np.array_equal(y[rows], [s.target for s in val]) and y[~rows].tolist() == [1] * n_reals
 
 
 def test_infer_csv_on_testset(trained_ensemble, demo_root, tmp_path):
