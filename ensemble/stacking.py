@@ -235,8 +235,10 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
 def platt_scaling(p, y) -> tuple[float, float]:
     """(slope, intercept) of P(fake) = sigmoid(slope * logit(p) + intercept) fitted to the
     labels y (Platt, 1999), the slope kept >= 0 so that no ranking turns round; (1, 0), no
-    map, where the scores do not rank fakes above reals at all (slope 0)."""
-    slope, intercept = nonnegative_logistic(logit(np.asarray(p, float))[:, None], np.asarray(y), [1], C=1e4)
+    map, where the scores do not rank fakes above reals at all (slope 0). The slope's L2
+    penalty (C = 1 against the summed log-loss) is nothing on hundreds of rows and keeps a
+    handful of separable ones (a video stacker's clips) from an infinite slope."""
+    slope, intercept = nonnegative_logistic(logit(np.asarray(p, float))[:, None], np.asarray(y), [1], C=1.0)
     if slope[0] <= 0.0:
         return 1.0, 0.0
     return float(slope[0]), intercept

@@ -269,7 +269,8 @@ def fit_video_stacker(clips: list[Clip], head: TemporalHead, cfg: Config) -> Sta
         return None
     X = video_stack_features([c.ensemble_scores for c in clips], predict_clips(head, clips))
     stacker = StackingEnsemble(method=cfg.ensemble.method, cv=cfg.ensemble.cv, random_state=cfg.seed,
-                               feature_names=list(VIDEO_STACK_COLUMNS), monotone=[1] * len(VIDEO_STACK_COLUMNS))
+                               feature_names=list(VIDEO_STACK_COLUMNS), monotone=[1] * len(VIDEO_STACK_COLUMNS),
+                               calibrate=cfg.ensemble.calibrate)
     return stacker.fit(X, y)
 
 

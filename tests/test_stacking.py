@@ -320,7 +320,10 @@ def test_calibration_on_the_scored_rows_undoes_the_tilt_of_extra_fakes(method):
     raw = StackingEnsemble(method=method, calibrate=False).fit(X, y).predict_proba(X_test)[:, 1]
     calibrated = StackingEnsemble(method=method).fit(X, y, calibration_rows=scored).predict_proba(X_test)[:, 1]
     assert expected_calibration_error(y_test, calibrated) < 0.08
-    assert expected_calibration_error(y_test, calibrated) < 0.7 * expected_calibration_error(y_test, raw)
+    # the learned combiners learn the extra fakes' prior; the means learn nothing and are only rescaled
+    tilted = method in ("logreg", "lgbm")
+    ratio = 0.2 if tilted else 0.8
+    assert expected_calibration_error(y_test, calibrated) < ratio * expected_calibration_error(y_test, raw)
     assert abs(calibrated.mean() - y_test.mean()) < 0.05
     # a monotone map: the ranking, and every ranking metric, is the combiner's own
     order = np.argsort(raw, kind="stable")
@@ -340,6 +343,13 @@ def test_platt_scaling_never_turns_a_ranking_round():
     assert platt_scaling(np.where(y == 1, 0.2, 0.8), y) == (1.0, 0.0)  # scores rank fakes below reals
     slope, intercept = platt_scaling(np.where(y == 1, 0.7, 0.3) + np.linspace(-0.05, 0.05, 100), y)
     assert slope > 0
+
+
+def test_platt_scaling_of_a_few_separable_rows_stays_finite():
+    """Four perfectly separated clips must not map to P(fake) 0 and 1."""
+    slope, intercept = platt_scaling(np.array([0.2, 0.3, 0.7, 0.8]), np.array([0, 0, 1, 1]))
+    p = 1 / (1 + np.exp(-(slope * np.log(0.8 / 0.2) + intercept)))
+    assert 0 < slope < 5 and 0.5 < p < 0.99
 
 
 def test_a_state_written_before_calibration_predicts_as_it_did(train_test):
