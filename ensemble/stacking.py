@@ -169,7 +169,7 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, self._columns_in_training_order(X), dtype=float, reset=False)
         p_fake = np.clip(self.combiner_.predict(X), 0.0, 1.0)
-        slope, intercept = getattr(self, "calibration_", (1.0, 0.0))
+        slope, intercept = self.calibration_
         if (slope, intercept) != (1.0, 0.0):
             p_fake = 1.0 / (1.0 + np.exp(-(slope * logit(p_fake) + intercept)))
         return np.column_stack([1.0 - p_fake, p_fake])
