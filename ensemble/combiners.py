@@ -85,6 +85,11 @@ def logit(p):
     return np.log(p) - np.log1p(-p)
 
 
+def sigmoid(z):
+    """The inverse of `logit` (without its clipping)."""
+    return 1.0 / (1.0 + np.exp(-z))
+
+
 class LogRegCombiner:
     """Logistic regression on standardised logit(score).
 
@@ -114,7 +119,7 @@ class LogRegCombiner:
 
     def predict(self, X):
         z = (logit(X) - self.mean) / self.scale
-        return 1.0 / (1.0 + np.exp(-(z @ self.coef + self.intercept)))
+        return sigmoid(z @ self.coef + self.intercept)
 
     def to_state(self):
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist(),

@@ -32,7 +32,7 @@ from sklearn.utils.multiclass import check_classification_targets, type_of_targe
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from common.errors import UserError
-from ensemble.combiners import COMBINERS, DEFAULT_LGBM_PARAMS, LGBMCombiner, LogRegCombiner, logit, nonnegative_logistic
+from ensemble.combiners import COMBINERS, DEFAULT_LGBM_PARAMS, LGBMCombiner, LogRegCombiner, logit, nonnegative_logistic, sigmoid
 
 # 'auto' tries these in order, simplest first, and keeps the simplest whose CV AUC is within
 # one standard error of the best (the one-standard-error rule of Breiman et al., 1984): the
@@ -171,7 +171,7 @@ class StackingEnsemble(ClassifierMixin, BaseEstimator):
         p_fake = np.clip(self.combiner_.predict(X), 0.0, 1.0)
         slope, intercept = self.calibration_
         if (slope, intercept) != (1.0, 0.0):
-            p_fake = 1.0 / (1.0 + np.exp(-(slope * logit(p_fake) + intercept)))
+            p_fake = sigmoid(slope * logit(p_fake) + intercept)
         return np.column_stack([1.0 - p_fake, p_fake])
 
     def predict(self, X):
