@@ -32,7 +32,15 @@ from sklearn.utils.multiclass import check_classification_targets, type_of_targe
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from common.errors import UserError
-from ensemble.combiners import COMBINERS, DEFAULT_LGBM_PARAMS, LGBMCombiner, LogRegCombiner, logit, nonnegative_logistic, sigmoid
+from ensemble.combiners import (
+    COMBINERS,
+    DEFAULT_LGBM_PARAMS,
+    LGBMCombiner,
+    LogRegCombiner,
+    logit,
+    nonnegative_logistic,
+    sigmoid,
+)
 
 # 'auto' tries these in order, simplest first, and keeps the simplest whose CV AUC is within
 # one standard error of the best (the one-standard-error rule of Breiman et al., 1984): the
