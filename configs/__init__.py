@@ -66,6 +66,7 @@ class AugmentConfig:
     noise: float = 0.1
     jpeg: float = 0.3
     jpeg_quality_min: int = 60
+    downscale: float = 0.0         # probability of a round trip to 35-90 % of the side and back (a resized upload)
     cutout: float = 0.0            # probability of blacking out one facial part along the 68 landmarks
 
 
@@ -135,8 +136,11 @@ class ExpertConfig:
     kind: str = "timm"             # a kind of experts.EXPERTS: timm, clip, dae, forensic, mesonet
                                    # (convnext, efficientnet and resnet: older names of timm)
     model: str = "convnext_atto"   # timm model name (timm, clip; dae: its frozen feature CNN)
-    pretrained: bool = False       # hub weights (needs network) ...
-    pretrained_file: str = ""      # ... or a local .safetensors / .pth file
+    pretrained: str = ""           # the backbone's starting weights: "" (false: random), hub (true: timm's
+                                   # weights for the model's tag, needs network) or packaged weights that
+                                   # install offline (efficientnet_lite0/1/2 onto tf_efficientnet_lite0/1/2,
+                                   # experts/pretrained.py)
+    pretrained_file: str = ""      # ... or a local .safetensors / .pth file (wins over `pretrained`)
     model_args: dict[str, typing.Any] = field(default_factory=dict)  # more keyword arguments of timm.create_model
                                    # (timm, clip, dae), e.g. {drop_path_rate: 0.1, channels: [32, 64, 128, 256]}
     image_size: int = 0            # 0 = data.image_size
@@ -160,7 +164,8 @@ class ExpertConfig:
     input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)
     space_to_depth: int = 1        # timm kind: >1 folds each s x s block of the input (and its residuals) into
                                    # channels before the backbone: native-resolution pixels at 1/s the size
-    trainable: str = "all"         # all | layernorm_head (CLIP: LayerNorm affine + head only)
+    trainable: str = "all"         # timm, clip: all | norm_head (the normalisation layers' affine + the head;
+                                   # CLIP's LayerNorms, a CNN's BatchNorms) | head (frozen backbone, a probe)
     head_layers: int = 1           # depth of the MLP head (timm, clip)
     embed_dim: int = 128           # output of the projection head for the NCE loss
     drop_rate: float = 0.0
@@ -168,6 +173,18 @@ class ExpertConfig:
     noise_std: float = 0.1         # DAE input noise (0-1 pixel units)
     relative: bool = False         # forensic expert: only region-vs-crop contrasts, no absolute levels
     grid: int = 4                  # forensic expert: statistics pooled on a grid x grid layout
+
+    def __setattr__(self, name, value):
+        # `pretrained` was a bool: true and false (YAML, the command line, older manifests) still mean hub and none.
+        super().__setattr__(name, pretrained_name(value) if name == "pretrained" else value)
+
+
+def pretrained_name(value) -> str:
+    """`pretrained` as one string: "" (none), "hub", or the name of packaged weights."""
+    text = str(value).strip()
+    if text.lower() in {"", "0", "false", "no", "off", "none"}:
+        return ""
+    return "hub" if text.lower() in {"1", "true", "yes", "on", "hub"} else text
 
 
 @dataclass

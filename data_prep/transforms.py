@@ -28,6 +28,8 @@ def train_augmentations(cfg: AugmentConfig, size: int) -> A.Compose:
         A.HorizontalFlip(p=cfg.hflip),
         A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03, p=cfg.color),
         A.GaussianBlur(blur_limit=(3, 5), p=cfg.blur),
+        A.Downscale(scale_range=(0.35, 0.9), p=cfg.downscale,
+                    interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_CUBIC}),
         A.GaussNoise(std_range=(0.01, 0.04), p=cfg.noise),
         A.ImageCompression(quality_range=(cfg.jpeg_quality_min, 95), p=cfg.jpeg),
     ])

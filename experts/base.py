@@ -34,11 +34,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import ConfigError, UnknownNameError, UserError
+from common.errors import ConfigError, UnknownNameError
 from common.inputs import IMAGENET_MEAN, IMAGENET_STD
 from configs import Config, ExpertConfig, LossConfig, augment_of, loss_of
 from data_prep.regions import check_region
 from experts.losses import classification_losses, has_dropout
+from experts.pretrained import (  # noqa: F401  (PretrainedWeightsError: re-exported)
+    HUB,
+    PACKAGED,
+    PretrainedWeightsError,
+    is_packaged,
+    load_packaged_weights,
+    packaged,
+)
 
 EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
 EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
@@ -111,13 +119,11 @@ def create_expert(cfg: ExpertConfig, image_size: int) -> "Expert":
     return check_expert_config(cfg)(cfg, image_size)
 
 
-class PretrainedWeightsError(UserError, RuntimeError):
-    """Pretrained backbone weights that cannot be loaded; the message says which and why."""
-
-
 def create_backbone(cfg: ExpertConfig, **kwargs) -> nn.Module:
-    """A timm backbone without classifier, from the hub, a local file, or random init;
-    `cfg.model_args` go to timm.create_model beside the expert's own `kwargs`."""
+    """A timm backbone without classifier, random or from pretrained weights: a local file
+    (`pretrained_file`), weights shipped in a package (`pretrained: efficientnet_lite0`,
+    experts/pretrained.py) or the hub (`pretrained: hub`); `cfg.model_args` go to
+    timm.create_model beside the expert's own `kwargs`."""
     clash = sorted(set(cfg.model_args) & (set(kwargs) | {"pretrained", "num_classes", "pretrained_cfg_overlay"}))
     if clash:
         raise ConfigError(f"model_args {clash}: set by the expert itself, not settable here")
@@ -128,7 +134,13 @@ def create_backbone(cfg: ExpertConfig, **kwargs) -> nn.Module:
             raise PretrainedWeightsError(f"{path}: pretrained_file not found")
         # timm reads .safetensors directly, and .pth/.bin with torch.load(weights_only=True).
         return _create_model(cfg, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-    if cfg.pretrained:
+    if is_packaged(cfg.pretrained):
+        spec = packaged(cfg.pretrained)
+        backbone = _create_model(cfg, pretrained=False, pretrained_cfg_overlay=dict(mean=spec.mean, std=spec.std),
+                                 **kwargs)
+        load_packaged_weights(backbone, cfg.pretrained)
+        return backbone
+    if cfg.pretrained == HUB:
         try:
             return _create_model(cfg, pretrained=True, **kwargs)
         except ConfigError:
@@ -137,7 +149,8 @@ def create_backbone(cfg: ExpertConfig, **kwargs) -> nn.Module:
             hint = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
             raise PretrainedWeightsError(
                 f"cannot load pretrained weights for {cfg.model!r}{hint}: {type(err).__name__}: "
-                f"{str(err).splitlines()[0][:200]}. Use pretrained_file=PATH or pretrained=false."
+                f"{str(err).splitlines()[0][:200]}. Use pretrained_file=PATH, packaged weights "
+                f"(pretrained: {'|'.join(PACKAGED)}) or pretrained=false."
             ) from None
     return _create_model(cfg, pretrained=False, **kwargs)
 

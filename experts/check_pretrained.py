@@ -1,11 +1,15 @@
 """Where every expert of a profile will get its pretrained weights, checked before training.
 
     python -m experts.check_pretrained [--profile gpu] [key=value ...]
+    python -m experts.check_pretrained --list       # the packaged weights this machine has
 
 One line per expert in `experts`: its name, its timm model, and the source of its weights:
   file PATH           expert.<name>.pretrained_file (must exist; a .safetensors header must read)
-  hub cache PATH      pretrained=true, found in the local Hugging Face hub cache
-  hub download ID     pretrained=true, not cached, but the hub answers that it has the file
+  package NAME        pretrained: efficientnet_lite0 (1, 2): weights shipped inside an installed
+                      registry package, offline (experts/pretrained.py); the model must be the
+                      timm architecture they map onto
+  hub cache PATH      pretrained=hub (true), found in the local Hugging Face hub cache
+  hub download ID     pretrained=hub, not cached, but the hub answers that it has the file
   none                pretrained=false (random initialisation), or no timm backbone at all
 Exit status 2, with one line per expert saying why and how to fix it, when any weights are
 unavailable: so that a user learns it before a 10-hour gpu run, not when its first expert
@@ -32,6 +36,7 @@ from common.errors import UnknownNameError
 from configs import ExpertConfig, config_from
 from experts import expert_class
 from experts.base import check_expert_config
+from experts.pretrained import PretrainedWeightsError, available, is_packaged, packaged, packaged_file
 
 # timm fetches the safetensors twin of a pickled hub file when the repository has one
 # (timm.models._hub.load_state_dict_from_hf); the pickle is the fallback.
@@ -70,6 +75,8 @@ def locate_weights(name: str, ecfg: ExpertConfig) -> WeightsSource:
         return WeightsSource(name, ecfg.model, "-", f"timm: {err}")
     if ecfg.pretrained_file:
         return local_file_source(name, ecfg)
+    if is_packaged(ecfg.pretrained):
+        return packaged_source(name, ecfg)
     if not ecfg.pretrained:
         return WeightsSource(name, ecfg.model, "none (pretrained=false: random initialisation)")
     if pretrained_cfg is None:
@@ -94,6 +101,19 @@ def local_file_source(name: str, ecfg: ExpertConfig) -> WeightsSource:
             return WeightsSource(name, ecfg.model, f"file {path}",
                                  f"not a readable safetensors file ({str(err).splitlines()[0][:120]})")
     return WeightsSource(name, ecfg.model, f"file {path}")
+
+
+def packaged_source(name: str, ecfg: ExpertConfig) -> WeightsSource:
+    try:
+        spec = packaged(ecfg.pretrained)
+        path, version = packaged_file(ecfg.pretrained)
+    except (UnknownNameError, PretrainedWeightsError) as err:
+        return WeightsSource(name, ecfg.model, f"package {ecfg.pretrained}", str(err))
+    source = f"package {spec.package} {version}: {path}"
+    if ecfg.model.split(".")[0] != spec.timm_model:
+        return WeightsSource(name, ecfg.model, source, f"these weights are for timm's {spec.timm_model}; "
+                                                       f"set expert.{name}.model={spec.timm_model}")
+    return WeightsSource(name, ecfg.model, source)
 
 
 def hub_source(name: str, model: str, hub_id: str, hub_filename: str | None) -> WeightsSource:
@@ -136,7 +156,14 @@ def url_source(name: str, model: str, url: str) -> WeightsSource:
 
 @entry_point
 def main(argv=None) -> int:
-    args = CommandLine("python -m experts.check_pretrained", __doc__).parse_args(argv)
+    parser = CommandLine("python -m experts.check_pretrained", __doc__)
+    parser.add_argument("--list", action="store_true", help="list the packaged weights this machine has, and stop")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("packaged pretrained weights (offline; pretrained: NAME with model: TIMM MODEL):")
+        for weights, spec, where in available():
+            print(f"  {weights:<20} {spec.timm_model:<24} {spec.input_size} px  {where}")
+        return 0
     cfg = config_from(args)
     for name in cfg.experts:  # a setting an expert's kind ignores: an error now, not after this check
         check_expert_config(cfg.expert_config(name), name)
@@ -148,7 +175,8 @@ def main(argv=None) -> int:
     if missing:
         print(f"error: {len(missing)} of {len(sources)} experts have no usable weights: "
               f"{', '.join(s.expert for s in missing)}. Give expert.<name>.pretrained_file=PATH "
-              f"(a .safetensors or .pth file), fill the hub cache, or set expert.<name>.pretrained=false",
+              f"(a .safetensors or .pth file), packaged weights (expert.<name>.pretrained=efficientnet_lite0, "
+              f"see --list), fill the hub cache, or set expert.<name>.pretrained=false",
               file=sys.stderr)
         return EXIT_KNOWN_ERROR
     return 0

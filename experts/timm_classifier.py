@@ -19,6 +19,8 @@ cpu experts").
 """
 from __future__ import annotations
 
+import logging
+
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -36,15 +38,24 @@ from experts.base import (
 from experts.losses import boundary_loss
 
 TIMM_FIELDS = frozenset({"model", "model_args", "pretrained", "pretrained_file", "input_filter", "space_to_depth",
-                         "head_layers", "embed_dim", "drop_rate", "boundary_loss"})
+                         "head_layers", "embed_dim", "drop_rate", "boundary_loss", "trainable"})
+# What the optimizer updates (`trainable`): everything; the normalisation layers' affine
+# parameters and the head (the CNN form of the CLIP recipe's LayerNorm + head: the pretrained
+# features re-centred, not rewritten); or the head alone on frozen features (a linear probe,
+# the UniversalFakeDetect idea). `layernorm_head` is the older name of norm_head.
+TRAINABLE = ("all", "norm_head", "head")
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+log = logging.getLogger(__name__)
+
 BOUNDARY_REDUCTION = 8  # the boundary head reads the first feature stage at 1/8 of the input or coarser
 
 
 @register_expert("timm", aliases=("convnext", "efficientnet", "resnet"))
 class TimmClassifier(FeatureClassifier):
     """timm backbone -> pooled features -> linear/MLP head (2 logits), plus a projection
-    head whose L2-normalised output feeds the supervised contrastive loss. Every parameter
-    is trained. `input_filter: srm` appends 3 noise-residual channels to the normalised RGB."""
+    head whose L2-normalised output feeds the supervised contrastive loss. `trainable` says
+    which backbone parameters learn (TRAINABLE). `input_filter: srm` appends 3
+    noise-residual channels to the normalised RGB."""
 
     config_fields = TIMM_FIELDS
 
@@ -70,6 +81,29 @@ class TimmClassifier(FeatureClassifier):
         if cfg.boundary_loss > 0:
             self.boundary_stage, channels = boundary_stage(backbone, cfg.model)
             self.boundary_head = nn.Conv2d(channels, 1, kernel_size=1)
+        self.trainable = "norm_head" if cfg.trainable == "layernorm_head" else cfg.trainable
+        if self.trainable not in TRAINABLE:
+            raise ConfigError(f"trainable must be one of {list(TRAINABLE)}, got {cfg.trainable!r}")
+        if self.trainable != "all":
+            for module in backbone.modules():
+                learns = self.trainable == "norm_head" and isinstance(module, NORM_LAYERS)
+                for param in module.parameters(recurse=False):
+                    param.requires_grad = learns
+
+    def trainable_parameters(self, loss_cfg):
+        if self.trainable != "all" and not (self.cfg.pretrained or self.cfg.pretrained_file):
+            log.warning("%s expert %r: tuning only %s of a random backbone means little; give it pretrained "
+                        "weights (pretrained: ..., or pretrained_file: PATH)", self.cfg.kind, self.cfg.model,
+                        "the normalisation layers and head" if self.trainable == "norm_head" else "the head")
+        return super().trainable_parameters(loss_cfg)
+
+    def train(self, mode: bool = True):
+        # A probe reads the pretrained features as they are: the frozen backbone's BatchNorm
+        # statistics stay ImageNet's (eval mode) while the head trains.
+        super().train(mode)
+        if self.trainable == "head":
+            self.backbone.eval()
+        return self
 
     @property
     def learns_boundaries(self) -> bool:

@@ -26,6 +26,7 @@ from common.errors import UserError
 from common.files import write_files_atomically
 from configs import ExpertConfig, FaceConfig
 from experts.base import Expert, create_expert
+from experts.pretrained import weights_source
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -120,6 +121,8 @@ def save_expert(model: Expert, weights_dir, name: str, face: FaceConfig, extra: 
         "face": dataclasses.asdict(face), "parameters": total, "trainable_parameters": trainable,
         **extra,
     }
+    if "pretrained" in model.config_fields:  # the weights its backbone started from, and their sha256
+        entry["pretrained"] = weights_source(model.cfg.pretrained, model.cfg.pretrained_file, model.cfg.model)
     manifest = updated_manifest(weights_dir, "experts", name, entry, config)
     write_files_atomically({path: data, weights_dir / MANIFEST: _manifest_bytes(manifest)})
     return path
@@ -159,7 +162,7 @@ def load_expert(weights_dir, name: str, device="cpu") -> tuple[Expert, dict]:
     path = verified_file(weights_dir, entry, f"expert {name!r}")
     ecfg = ExpertConfig(**entry["expert_config"])
     # The architecture only: never fetch pretrained weights to then overwrite them.
-    ecfg = dataclasses.replace(ecfg, pretrained=False, pretrained_file="")
+    ecfg = dataclasses.replace(ecfg, pretrained="", pretrained_file="")
     model = create_expert(ecfg, entry["input_size"])
     try:
         state = load_file(str(path), device="cpu")

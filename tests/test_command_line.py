@@ -51,6 +51,7 @@ BROKEN = {
     "bench.face_detectors": ("-m bench.face_detectors {d}/no_images", ["no_images", "not a directory"]),
     "bench.onnx_speed": ("-m bench.onnx_speed --repeats 1 train.epoch=3", BAD_KEY),
     "bench.pipeline_waits": ("-m bench.pipeline_waits {d}/no_images", ["no_images", "no such file or directory"]),
+    "bench.robustness": ("-m bench.robustness {d}/no_data", ["no_data"]),
 }
 
 
@@ -93,7 +94,7 @@ def test_experts_train_help_prints_usage():
                                     "data_prep.video", "data_prep.audit", "experts.check_pretrained",
                                     "experts.export_onnx", "infer", "bench.speed", "bench.quality", "bench.ablation",
                                     "bench.generalization", "bench.precision", "bench.face_detectors",
-                                    "bench.onnx_speed", "bench.pipeline_waits"])
+                                    "bench.onnx_speed", "bench.pipeline_waits", "bench.robustness"])
 def test_every_entry_point_has_help(module, capsys):
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module(module).main(["--help"])

@@ -14,18 +14,21 @@ def test_profiles_load_with_typed_values(profile):
     assert cfg.experts and all(name in cfg.expert for name in cfg.experts)
     for name, ecfg in cfg.expert.items():
         assert isinstance(ecfg, ExpertConfig), name
-        assert isinstance(ecfg.lr, float) and isinstance(ecfg.pretrained, bool)
+        assert isinstance(ecfg.lr, float) and isinstance(ecfg.pretrained, str)
     assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.epochs, int)
     assert isinstance(cfg.data.image_size, int)
 
 
 def test_cpu_profile_values_and_defaults():
     cfg = load_config("cpu")
-    assert cfg.experts == ["forensic", "resnet", "dae"]
-    assert cfg.train.lr == pytest.approx(0.002)
+    assert cfg.experts == ["effnet_lite0", "effnet_lite0_norm", "effnet_lite2_probe", "dae"]
+    assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.train.amp == "auto"
     assert cfg.face.crop_size == 256 and cfg.face.shrink == "center" and cfg.face.detector == "dlib"
     assert cfg.data.fake_masks == "landmarks"
+    assert [cfg.expert[name].pretrained for name in cfg.experts] == ["efficientnet_lite0", "efficientnet_lite0",
+                                                                   "efficientnet_lite2", ""]
+    assert [cfg.expert[name].trainable for name in cfg.experts[:3]] == ["all", "norm_head", "head"]
     assert cfg.expert["forensic"].image_size == 256 and cfg.expert["mesonet"].image_size == 256
     assert cfg.expert["clip"].trainable == "all"
     assert cfg.expert["resnet"].input_filter == "srm" and cfg.expert["resnet"].epochs == 26
@@ -40,9 +43,10 @@ def test_cpu_profile_values_and_defaults():
 def test_gpu_profile_values():
     cfg = load_config("gpu")
     assert cfg.experts == ["convnext", "clip", "efficientnet", "dae"]
-    assert cfg.expert["clip"].trainable == "layernorm_head"
+    assert cfg.expert["clip"].trainable == "norm_head"
     assert cfg.expert["clip"].head_layers == 2
-    assert cfg.expert["efficientnet"].image_size == 256
+    assert cfg.expert["efficientnet"].image_size == 260
+    assert cfg.expert["efficientnet"].pretrained == "efficientnet_lite2"
     assert cfg.train.tta == ["hflip"]
     assert cfg.train.channels_last is True
 
@@ -107,7 +111,7 @@ def test_nested_expert_overrides():
     assert cfg.expert["convnext"].model == "test_convnext"
     assert cfg.expert["convnext"].kind == "convnext"  # untouched fields keep the profile's value
     assert cfg.expert["clip"].head_layers == 2
-    assert cfg.expert["convnext"].pretrained is False
+    assert cfg.expert["convnext"].pretrained == ""
     assert cfg.expert_config("convnext") is cfg.expert["convnext"]
 
 
@@ -122,8 +126,8 @@ def test_wildcard_sets_a_key_on_every_expert_defined_so_far():
     """`expert.*.pretrained=false`, as issue 10 asks users to run the gpu profile offline."""
     cfg = load_config("gpu", ["expert.*.pretrained=false"])
     assert set(cfg.expert) == {"convnext", "clip", "efficientnet", "dae"}
-    assert all(ecfg.pretrained is False for ecfg in cfg.expert.values())
-    assert all(ecfg.pretrained is True for ecfg in load_config("gpu").expert.values())  # the profile itself
+    assert all(ecfg.pretrained == "" for ecfg in cfg.expert.values())
+    assert all(ecfg.pretrained for ecfg in load_config("gpu").expert.values())  # the profile itself
     # an expert defined after the wildcard keeps its default; the other settings stay the profile's
     cfg = load_config("cpu", ["expert.extra.kind=timm", "expert.*.epochs=2", "expert.late.kind=dae"])
     assert all(cfg.expert[name].epochs == 2 for name in cfg.expert if name != "late")
@@ -140,7 +144,7 @@ def test_an_expert_augments_with_its_own_values_over_the_shared_ones():
     assert (own.jpeg, own.blur, own.color) == (0.7, 0.2, 0.5)
     assert isinstance(own.jpeg_quality_min, int) and own.jpeg_quality_min == 70
     assert augment_of(cfg, cfg.expert["clip"], "clip") == cfg.augment  # no values of its own: the shared ones
-    assert cfg.augment.jpeg == 0.0  # the shared values are not touched
+    assert cfg.augment.jpeg == 0.3  # the shared values are not touched
     assert from_dict(to_dict(cfg)) == cfg
 
 

@@ -18,7 +18,6 @@ from configs import CONFIG_DIR, ExpertConfig, LossConfig, load_config
 from ensemble.gradcam import grad_cam
 from experts import EXPERT_ALIASES, EXPERTS, create_expert, expert_class
 from experts.base import PretrainedWeightsError, check_expert_config
-from experts.clip_vit import is_layernorm_param
 from experts.timm_classifier import TimmClassifier
 from helpers import tiny_timm_model
 
@@ -213,7 +212,7 @@ def test_profile_settings_are_the_ones_each_kind_reads(profile):
         check_expert_config(ecfg, name)
 
 
-@pytest.mark.parametrize("kind,setting", [("convnext", "trainable=layernorm_head"), ("resnet", "score_weights=[1,1,1]"),
+@pytest.mark.parametrize("kind,setting", [("convnext", "relative=true"), ("resnet", "score_weights=[1,1,1]"),
                                           ("dae", "input_filter=srm"), ("mesonet", "model=resnet18"),
                                           ("forensic", "pretrained=true")])
 def test_a_setting_the_kind_ignores_is_a_config_error(kind, setting):
@@ -249,15 +248,6 @@ def test_clip_layernorm_head_trains_only_layernorms_and_heads():
     assert any(n.startswith("backbone.") and p.requires_grad for n, p in expert.named_parameters())
     assert not expert.backbone.patch_embed.proj.weight.requires_grad
     assert not expert.backbone.cls_token.requires_grad
-
-
-def test_is_layernorm_param_handles_top_level_parameters():
-    vit = timm.create_model("test_vit", num_classes=0)
-    assert is_layernorm_param(vit, "norm.weight")
-    assert is_layernorm_param(vit, "blocks.0.norm1.bias")
-    assert not is_layernorm_param(vit, "blocks.0.attn.qkv.weight")
-    assert not is_layernorm_param(vit, "cls_token")   # parameter of the model itself
-    assert not is_layernorm_param(vit, "pos_embed")
 
 
 def test_clip_all_trains_everything():
@@ -387,7 +377,7 @@ def test_cpu_profile_experts_run_at_profile_size(name):
 def test_training_stops_on_an_ignored_setting_before_reading_any_data(tmp_path, capsys):
     from experts import train as experts_train
 
-    assert experts_train.main([str(tmp_path / "no_data"), "expert.resnet.trainable=layernorm_head"]) == 2
+    assert experts_train.main([str(tmp_path / "no_data"), "expert.resnet.grid=8"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: expert.resnet.trainable: the 'resnet' (= 'timm') expert kind")
+    assert err.startswith("error: expert.resnet.grid: the 'resnet' (= 'timm') expert kind")
     assert err.count("\n") == 1

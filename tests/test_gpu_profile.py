@@ -75,7 +75,7 @@ def test_every_expert_of_the_profile_trains_as_defined(gpu_run):
         trained = entry["expert_config"]
         changed = {key for key in defined if defined[key] != trained[key]}
         assert changed <= OVERRIDABLE, f"{name}: the test changed {changed - OVERRIDABLE}"
-        assert defined["pretrained"] is True and trained["pretrained"] is False
+        assert defined["pretrained"] in ("hub", "efficientnet_lite2") and trained["pretrained"] == ""
         assert entry["input_size"] == SIZE
         assert entry["training"]["hardware"] == {"device": "cpu", "processes": 1, "channels_last": True,
                                                  "precision": "float32"}
@@ -89,7 +89,7 @@ def test_exported_experts_load_and_give_two_logits(gpu_run):
         model, _ = load_expert(gpu_run["weights"], name)
         timm_net = model.backbone if hasattr(model, "backbone") else model.feature_net  # the DAE's
         built = timm_net.pretrained_cfg
-        assert f"{built['architecture']}.{built['tag']}" == GPU.expert_config(name).model
+        assert GPU.expert_config(name).model in (built["architecture"], f"{built['architecture']}.{built['tag']}")
         with torch.no_grad():
             logits, p = model(x), model.predict_proba(x)
         assert logits.shape == (3, 2), f"{name}: {tuple(logits.shape)} logits, expected (3, 2)"
@@ -98,7 +98,7 @@ def test_exported_experts_load_and_give_two_logits(gpu_run):
 
 def test_clip_tunes_only_its_layernorms_and_head(gpu_run):
     entry = gpu_run["manifest"]["experts"]["clip"]
-    assert entry["expert_config"]["trainable"] == "layernorm_head"
+    assert entry["expert_config"]["trainable"] == "norm_head"
     model, _ = load_expert(gpu_run["weights"], "clip")
     width, depth = model.backbone.embed_dim, len(model.backbone.blocks)
     layernorms = 2 * depth + 2  # norm1 and norm2 per block, CLIP's norm_pre, the final norm
