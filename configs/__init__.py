@@ -152,6 +152,8 @@ class ExpertConfig:
     swa_lr: float = 0.0            # with swa_fraction: anneal to this share of lr before the averaged epochs, then
                                    # hold it through them (0: the cosine runs to 0 at the last epoch)
     online_fakes: float = -1.0     # share of its training reals made editing fakes on the fly; -1 = data.online_fakes
+    train_on: str = "all"          # all: the trainset | reals: its reals only, the fakes it learns from are its
+                                   # editing fakes of them (the self-blended-images recipe; needs online_fakes > 0)
     online_fake_ops: list[str] = field(default_factory=list)  # its training fakes' editing ops; empty = data's
     augment: dict[str, float] = field(default_factory=dict)   # its own `augment.*` values, e.g. {jpeg: 0.3}
     loss: dict[str, typing.Any] = field(default_factory=dict)  # its own `loss.*` values, e.g. {kl: 1.0}

@@ -52,7 +52,8 @@ EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
 EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
 # Read by the trainer for every kind, so never an error.
 TRAINER_FIELDS = frozenset({"kind", "image_size", "region", "patch_size", "epochs", "swa_fraction", "swa_lr", "lr",
-                            "seed", "validate_every", "online_fakes", "online_fake_ops", "augment", "loss"})
+                            "seed", "validate_every", "online_fakes", "online_fake_ops", "train_on", "augment", "loss"})
+TRAIN_ON = ("all", "reals")  # expert.<name>.train_on
 
 
 def register_expert(kind: str, aliases: tuple[str, ...] = ()):
@@ -99,6 +100,10 @@ def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Exp
     if not (cfg.online_fakes == -1 or 0 <= cfg.online_fakes <= 1):
         raise ConfigError(f"{prefix}online_fakes: {cfg.online_fakes} is not a share of the training reals "
                           "(0 to 1; -1 = data.online_fakes)")
+    if cfg.train_on not in TRAIN_ON:
+        raise ConfigError(f"{prefix}train_on: {cfg.train_on!r} is not one of {list(TRAIN_ON)}")
+    if cfg.train_on == "reals" and cfg.online_fakes == 0:
+        raise ConfigError(f"{prefix}train_on: reals needs editing fakes to learn from (online_fakes > 0)")
     if cfg.boundary_loss < 0:
         raise ConfigError(f"{prefix}boundary_loss: {cfg.boundary_loss} is negative (0 = off)")
     augment_of(Config(), cfg, name)  # its augment keys must name augmentation settings
@@ -203,10 +208,12 @@ class Expert(nn.Module):
 
     def training_samples(self, splits: dict[str, list]) -> list:
         """The samples this expert learns from: the trainset; for a reals-only expert the
-        trainset's reals plus `splits["extra_reals"]` (data.extra_reals), never a fake."""
+        trainset's reals plus `splits["extra_reals"]` (data.extra_reals), never a fake; with
+        `train_on: reals` the trainset's reals, which the trainer turns into editing fakes."""
+        reals = [s for s in splits["trainset"] if s.target == 0]
         if self.trains_on_real_only:
-            return [s for s in splits["trainset"] if s.target == 0] + splits.get("extra_reals", [])
-        return splits["trainset"]
+            return reals + splits.get("extra_reals", [])
+        return reals if self.cfg.train_on == "reals" else splits["trainset"]
 
     def trainable_parameters(self, loss_cfg: LossConfig) -> list[nn.Parameter]:
         """The parameters the optimizer updates under these losses; the others are frozen

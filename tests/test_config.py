@@ -21,14 +21,14 @@ def test_profiles_load_with_typed_values(profile):
 
 def test_cpu_profile_values_and_defaults():
     cfg = load_config("cpu")
-    assert cfg.experts == ["effnet_lite0", "effnet_lite0_norm", "effnet_lite2_probe", "dae"]
+    assert cfg.experts == ["effnet_lite0", "effnet_lite0_sbi", "forensic", "dae"]
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.train.amp == "auto"
     assert cfg.face.crop_size == 256 and cfg.face.shrink == "center" and cfg.face.detector == "dlib"
     assert cfg.data.fake_masks == "landmarks"
-    assert [cfg.expert[name].pretrained for name in cfg.experts] == ["efficientnet_lite0", "efficientnet_lite0",
-                                                                   "efficientnet_lite2", ""]
-    assert [cfg.expert[name].trainable for name in cfg.experts[:3]] == ["all", "norm_head", "head"]
+    assert [cfg.expert[name].pretrained for name in cfg.experts] == ["efficientnet_lite0", "efficientnet_lite0", "", ""]
+    assert cfg.expert["effnet_lite0_sbi"].train_on == "reals" and cfg.expert["effnet_lite0_sbi"].online_fakes == 0.5
+    assert [cfg.expert[f"effnet_lite{n}"].trainable for n in ("0", "0_norm", "2_probe")] == ["all", "norm_head", "head"]
     assert cfg.expert["forensic"].image_size == 256 and cfg.expert["mesonet"].image_size == 256
     assert cfg.expert["clip"].trainable == "all"
     assert cfg.expert["resnet"].input_filter == "srm" and cfg.expert["resnet"].epochs == 26

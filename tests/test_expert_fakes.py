@@ -35,3 +35,30 @@ def test_the_trainer_makes_each_expert_its_own_share(demo_root, tmp_path, crop_c
         "data.online_fakes=0.5", "expert.resnet.online_fakes=0"]
     assert experts_train.main([str(demo_root)] + args) == 0
     assert shares == [0.5, 0.0]
+
+
+def test_train_on_reals_learns_from_the_reals_and_their_editing_fakes_only(demo_root, tmp_path, crop_cache,
+                                                                            monkeypatch):
+    """`train_on: reals` (self-blended images): the expert's training samples are the trainset's
+    reals, drawn as a permutation (one class), and a share of them becomes editing fakes."""
+    seen = {}
+    build = experts_train.FaceCropDataset
+
+    def recording(samples, crops, size, cfg, train, **kwargs):
+        if train:
+            seen.setdefault("targets", []).append(sorted({s.target for s in samples}))
+            seen.setdefault("shares", []).append(kwargs.get("online_fakes"))
+        return build(samples, crops, size, cfg, train, **kwargs)
+
+    monkeypatch.setattr(experts_train, "FaceCropDataset", recording)
+    args = tiny_overrides(tmp_path, epochs=1, experts="convnext,resnet", cache_dir=crop_cache) + [
+        "expert.resnet.train_on=reals", "expert.resnet.online_fakes=0.5"]
+    assert experts_train.main([str(demo_root)] + args) == 0
+    assert seen["targets"] == [[0, 1], [0]] and seen["shares"][1] == 0.5
+
+
+@pytest.mark.parametrize("settings,message", [({"train_on": "fakes"}, "train_on: .fakes. is not one of"),
+                                              ({"train_on": "reals", "online_fakes": 0.0}, "train_on: reals needs editing")])
+def test_train_on_errors_name_the_key(settings, message):
+    with pytest.raises(ConfigError, match=rf"expert\.sbi\.{message}"):
+        check_expert_config(ExpertConfig(kind="timm", **settings), "sbi")
