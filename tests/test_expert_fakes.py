@@ -57,8 +57,10 @@ def test_train_on_reals_learns_from_the_reals_and_their_editing_fakes_only(demo_
     assert seen["targets"] == [[0, 1], [0]] and seen["shares"][1] == 0.5
 
 
-@pytest.mark.parametrize("settings,message", [({"train_on": "fakes"}, "train_on: .fakes. is not one of"),
-                                              ({"train_on": "reals", "online_fakes": 0.0}, "train_on: reals needs editing")])
+@pytest.mark.parametrize("settings,message", [
+    ({"train_on": "fakes"}, "train_on: .fakes. is not one of"),
+    ({"train_on": "reals", "online_fakes": 0.0}, "train_on: reals needs editing"),
+])
 def test_train_on_errors_name_the_key(settings, message):
     with pytest.raises(ConfigError, match=rf"expert\.sbi\.{message}"):
         check_expert_config(ExpertConfig(kind="timm", **settings), "sbi")

@@ -377,7 +377,7 @@ def test_cpu_profile_experts_run_at_profile_size(name):
 def test_training_stops_on_an_ignored_setting_before_reading_any_data(tmp_path, capsys):
     from experts import train as experts_train
 
-    assert experts_train.main([str(tmp_path / "no_data"), "expert.resnet.grid=8"]) == 2
+    assert experts_train.main([str(tmp_path / "no_data"), "experts=[dae,resnet]", "expert.resnet.grid=8"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: expert.resnet.grid: the 'resnet' (= 'timm') expert kind")
     assert err.count("\n") == 1

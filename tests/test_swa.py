@@ -25,7 +25,7 @@ def test_swa_exports_the_mean_of_the_last_epochs_with_batchnorm_measured_again(d
         original(run, epoch)
 
     overrides = tiny_overrides(tmp_path, epochs=4, experts="resnet", cache_dir=crop_cache) + [
-        "expert.resnet.swa_fraction=0.5", "expert.resnet.swa_lr=0.5", "train.lr=0.004"]
+        "expert.resnet.swa_fraction=0.5", "expert.resnet.swa_lr=0.5", "expert.resnet.lr=0.004"]
     with mock.patch.object(experts_train, "save_checkpoint", side_effect=keep_raw_weights):
         assert experts_train.main([str(demo_root)] + overrides) == 0
     assert len(raw_states) == 4

@@ -177,11 +177,12 @@ def test_ema_shadow_matches_export_when_last_epoch_is_best(trained_ensemble):
     ck = torch.load(trained_ensemble["runs"] / "convnext" / "checkpoint.pt", map_location="cpu", weights_only=True)
     if ck["best_epoch"] != ck["epoch"] + 1:
         pytest.skip("best EMA epoch is not the last one in this run")
-    from configs import ExpertConfig
+    from configs import ExpertConfig, LossConfig
     from experts import create_expert
     manifest = json.loads((trained_ensemble["weights"] / MANIFEST).read_text())
     model = create_expert(ExpertConfig(**manifest["experts"]["convnext"]["expert_config"]), 64)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    trained = {id(p) for p in model.trainable_parameters(LossConfig())}  # as the trainer's EMA tracks them
+    names = [n for n, p in model.named_parameters() if id(p) in trained]
     shadow = ck["ema"]["shadow_params"]
     exported = load_file(str(trained_ensemble["weights"] / "convnext.safetensors"))
     assert len(shadow) == len(names)

@@ -80,7 +80,7 @@ def test_resume_equals_uninterrupted(demo_root, tmp_path, crop_cache, extra):
                                              ("expert.resnet.boundary_loss=-1", "boundary_loss: -1.0 is negative"),
                                              ("expert.forensic.boundary_loss=1", "boundary_loss: the 'forensic'")])
 def test_a_bad_weighting_setting_stops_before_reading_any_data(tmp_path, capsys, setting, message):
-    assert experts_train.main([str(tmp_path / "no_data"), setting]) == 2
+    assert experts_train.main([str(tmp_path / "no_data"), "experts=[resnet,forensic]", setting]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: expert.{setting.split('.')[1]}.{message}") and err.count("\n") == 1
 
@@ -205,7 +205,8 @@ def test_an_expert_trains_with_its_own_augmentations(demo_root, tmp_path, crop_c
         "expert.forensic.epochs=1", "expert.mesonet.epochs=1", "data.fake_masks=ellipse", "augment.jpeg=0",
         "expert.mesonet.augment.jpeg=1.0", "expert.mesonet.augment.jpeg_quality_min=80"]
     assert experts_train.main([str(demo_root), *overrides]) == 0
-    assert [(a.jpeg, a.jpeg_quality_min) for a in used] == [(0.0, 60), (1.0, 80)]  # forensic's, then mesonet's
+    shared = load_config("cpu").augment.jpeg_quality_min
+    assert [(a.jpeg, a.jpeg_quality_min) for a in used] == [(0.0, shared), (1.0, 80)]  # forensic's, then mesonet's
 
 
 def test_cutout_reaches_the_training_crops(tmp_path):
