@@ -42,36 +42,23 @@ import io
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from PIL import Image
 
+from bench.generalization import BenchError, run  # the same one-line error and command runner
 from common.cli import CommandLine, entry_point
-from common.errors import UserError
 from common.files import atomic_write
 from configs import config_from_argv
 from data_prep.dataset import list_images
 from data_prep.images import ImageDecodeError, decode_image
 from data_prep.labels import label_path
 
-ROOT = Path(__file__).resolve().parent.parent
 CLEAN = "clean"
 ENSEMBLE = "ensemble"
 SCALE_JPEG_QUALITY = 95  # the rescaled copies are saved nearly losslessly: the resize is what is measured
 MANIFEST = "manifest.json"  # experts.weights.MANIFEST (not imported: that pulls in torch)
-
-
-class BenchError(UserError):
-    """The benchmark cannot run: a missing split or weights, a bad option, a failed command."""
-
-
-def run(cmd: list[str]) -> None:
-    print("$", " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, cwd=ROOT)
-    if done.returncode != 0:
-        raise BenchError(f"command failed with exit status {done.returncode}: {' '.join(cmd)}")
 
 
 # ----------------------------------------------------------------------------- degraded copies

@@ -23,7 +23,6 @@ package, its version and the file's sha256 (or the local file's, or the hub tag)
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 from dataclasses import dataclass
@@ -90,11 +89,9 @@ def packaged_file(name: str) -> tuple[Path, str]:
 
 @lru_cache(maxsize=8)
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """A weights file's sha256, read once per process (it is recorded for every expert saved)."""
+    from experts.weights import sha256_file  # imported here: experts.weights imports this module
+    return sha256_file(path)
 
 
 def weights_source(pretrained: str, pretrained_file: str, model: str) -> dict:
