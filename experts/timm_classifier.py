@@ -12,10 +12,9 @@ each, differing only in how the Grad-CAM layer was guessed), so the configs and 
 that name them build this class. Grad-CAM explains the output of the backbone's last feature
 stage, as the model's own `feature_info` names it, whatever the architecture.
 
-The cpu profile's workhorse is one of these: `resnet10t` on RGB + SRM residuals, which
-trained from random initialisation on a few thousand faces learns face-swap traces within a
-few epochs, where ConvNeXt and EfficientNet from scratch barely move (RESULTS.md, "Choosing the
-cpu experts").
+The cpu profile's experts are two of these: ImageNet EfficientNet-Lite0 (`pretrained:
+efficientnet_lite0`, weights that install offline, experts/pretrained.py), fine-tuned on the
+data set's fakes, and on self-blended images of its reals (`train_on: reals`).
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.cli import CommandLine, entry_point
-from common.errors import UsageError
+from common.errors import ConfigError, UsageError
 from common.files import atomic_write
 from common.inputs import to_unit_float
 from common.metrics import safe_auc
@@ -144,6 +144,8 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
     train_samples = expert.training_samples(splits)
     reals_only = expert.trains_on_real_only  # then: no editing fake, no class balance to draw
     online_fakes = 0.0 if reals_only else online_fakes_of(cfg, ecfg)
+    if ecfg.train_on == "reals" and online_fakes == 0:  # data.online_fakes 0, inherited
+        raise ConfigError(f"expert.{name}.train_on: reals needs editing fakes to learn from (online_fakes > 0)")
     train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True, patch_size=ecfg.patch_size,
                                 online_fakes=online_fakes, fake_ops=ecfg.online_fake_ops,
                                 boundaries=expert.learns_boundaries, augment=augment_of(cfg, ecfg, name), seed=seed,

@@ -64,3 +64,11 @@ def test_train_on_reals_learns_from_the_reals_and_their_editing_fakes_only(demo_
 def test_train_on_errors_name_the_key(settings, message):
     with pytest.raises(ConfigError, match=rf"expert\.sbi\.{message}"):
         check_expert_config(ExpertConfig(kind="timm", **settings), "sbi")
+
+
+def test_train_on_reals_without_any_editing_fakes_is_one_line(demo_root, tmp_path, crop_cache, capsys):
+    args = tiny_overrides(tmp_path, epochs=1, experts="resnet", cache_dir=crop_cache) + [
+        "data.online_fakes=0", "expert.resnet.train_on=reals"]  # the share inherited from data.online_fakes
+    assert experts_train.main([str(demo_root)] + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: expert.resnet.train_on: reals needs editing fakes") and err.count("\n") == 1
