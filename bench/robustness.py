@@ -38,13 +38,13 @@ evaluation that failed.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from bench.generalization import BenchError, run  # the same one-line error and command runner
@@ -52,7 +52,7 @@ from common.cli import CommandLine, entry_point
 from common.files import atomic_write
 from configs import config_from_argv
 from data_prep.dataset import list_images
-from data_prep.images import ImageDecodeError, decode_image
+from data_prep.images import ImageDecodeError, decode_image, encode_jpeg  # explicit JPEG: names may end in .png
 from data_prep.labels import label_path
 
 CLEAN = "clean"
@@ -66,7 +66,7 @@ MANIFEST = "manifest.json"  # experts.weights.MANIFEST (not imported: that pulls
 def jpeg(quality: int):
     """The degradation `jpeg<quality>`: RGB array -> JPEG bytes."""
     def degrade(rgb) -> bytes:
-        return _jpeg_bytes(Image.fromarray(rgb), quality)
+        return encode_jpeg(rgb, quality)
     return degrade
 
 
@@ -75,14 +75,8 @@ def rescale(scale: float):
     def degrade(rgb) -> bytes:
         image = Image.fromarray(rgb)
         size = tuple(max(1, round(scale * side)) for side in image.size)
-        return _jpeg_bytes(image.resize(size, Image.Resampling.BICUBIC), SCALE_JPEG_QUALITY)
+        return encode_jpeg(np.asarray(image.resize(size, Image.Resampling.BICUBIC)), SCALE_JPEG_QUALITY)
     return degrade
-
-
-def _jpeg_bytes(image: Image.Image, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)  # the format is explicit: names may end in .png
-    return buffer.getvalue()
 
 
 def degraded_copy(source_root: Path, split: str, out_root: Path, degrade) -> dict[str, int]:

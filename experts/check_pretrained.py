@@ -36,7 +36,14 @@ from common.errors import UnknownNameError
 from configs import ExpertConfig, config_from
 from experts import expert_class
 from experts.base import check_expert_config
-from experts.pretrained import PretrainedWeightsError, available, is_packaged, packaged, packaged_file
+from experts.pretrained import (
+    PretrainedWeightsError,
+    architecture_mismatch,
+    available,
+    is_packaged,
+    packaged,
+    packaged_file,
+)
 
 # timm fetches the safetensors twin of a pickled hub file when the repository has one
 # (timm.models._hub.load_state_dict_from_hf); the pickle is the fallback.
@@ -109,11 +116,9 @@ def packaged_source(name: str, ecfg: ExpertConfig) -> WeightsSource:
         path, version = packaged_file(ecfg.pretrained)
     except (UnknownNameError, PretrainedWeightsError) as err:
         return WeightsSource(name, ecfg.model, f"package {ecfg.pretrained}", str(err))
-    source = f"package {spec.package} {version}: {path}"
-    if ecfg.model.split(".")[0] != spec.timm_model:
-        return WeightsSource(name, ecfg.model, source, f"these weights are for timm's {spec.timm_model}; "
-                                                       f"set expert.{name}.model={spec.timm_model}")
-    return WeightsSource(name, ecfg.model, source)
+    mismatch = architecture_mismatch(ecfg.pretrained, ecfg.model)
+    return WeightsSource(name, ecfg.model, f"package {spec.package} {version}: {path}",
+                         mismatch and f"{mismatch}; set expert.{name}.model={spec.timm_model}")
 
 
 def hub_source(name: str, model: str, hub_id: str, hub_filename: str | None) -> WeightsSource:

@@ -108,15 +108,21 @@ def weights_source(pretrained: str, pretrained_file: str, model: str) -> dict:
     return {"source": "random initialisation"}
 
 
+def architecture_mismatch(name: str, model: str) -> str:
+    """Why packaged weights `name` do not fit timm model `model` (a name, with or without a
+    pretrained tag), or "" when they do."""
+    timm_model, architecture = packaged(name).timm_model, model.split(".")[0]
+    return "" if architecture == timm_model else f"these weights are for timm's {timm_model}, not {architecture}"
+
+
 def load_packaged_weights(model: nn.Module, name: str) -> None:
     """Load packaged weights `name` into the timm `model`, mapped by position, strictly.
     PretrainedWeightsError (one line) naming the first tensor that does not fit."""
-    spec = packaged(name)
     path, _ = packaged_file(name)
-    architecture = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-    if architecture != spec.timm_model:
-        raise PretrainedWeightsError(f"pretrained {name}: these weights are for timm's {spec.timm_model}, "
-                                     f"not {architecture}; set model: {spec.timm_model}")
+    mismatch = architecture_mismatch(name, getattr(model, "pretrained_cfg", {}).get("architecture",
+                                                                                    type(model).__name__))
+    if mismatch:
+        raise PretrainedWeightsError(f"pretrained {name}: {mismatch}; set model: {packaged(name).timm_model}")
     try:
         source = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
