@@ -3,8 +3,9 @@
     cfg = load_config("cpu", ["train.epochs=3", "experts=[convnext,dae]"])
     cfg.train.epochs  # -> 3 (an int: every value is cast to the type of its default)
 
-Unknown keys are errors (a typo must not be silently ignored). The YAML files in this
-folder are named after their profile; `default` values live in the dataclasses below.
+Unknown keys are errors (a typo must not be silently ignored); so is a removed option, with
+the message that it was removed (configs/removed.py). The YAML files in this folder are
+named after their profile; `default` values live in the dataclasses below.
 `expert.*.KEY=VALUE` sets KEY on every expert defined so far (`expert.*.pretrained=false`).
 
 On the command line, every command that reads the config takes the same arguments
@@ -24,10 +25,10 @@ import yaml
 
 from common.cli import CommandLine
 from common.errors import ConfigError, UnknownNameError
+from configs.removed import REMOVED_NAMES, check_removed_names, removed_key, without_removed  # noqa: F401 (re-exported)
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_PROFILE = "cpu"
-KL_VIEWS = ("noise", "dropout")  # loss.kl_view
 EVERY_EXPERT = "*"  # expert.*.pretrained=false sets the key on every expert defined so far
 
 
@@ -40,7 +41,6 @@ class DataConfig:
     online_fake_ops: list[str] = field(default_factory=list)  # empty = manipulations.DEFAULT_OPS
     fake_masks: str = "ellipse"    # ellipse (from the face box) | landmarks (dlib 68-point hull, as in SBI)
     methods: list[str] = field(default_factory=list)  # keep only these methods (<split>_methods.csv); [] = all
-    extra_reals: list[str] = field(default_factory=list)  # more real faces for reals-only experts (DAE)
     folds_csv: str = ""            # folds.csv of experts.cluster_split: train on fold `fold`'s split ...
     fold: int = -1                 # ... (validate on its cluster); experts export as <name>_fold<k>
 
@@ -74,10 +74,8 @@ class AugmentConfig:
 class LossConfig:
     ce: float = 1.0
     label_smoothing: float = 0.0
-    kl: float = 0.0                # weight of the KL consistency term between two views of x (kl_view)
+    kl: float = 0.0                # weight of the KL consistency term between the predictions on x and x + noise
     kl_noise_std: float = 0.05     # std of the Gaussian noise added to the [0, 1] input (before normalisation)
-    kl_view: str = "noise"         # what the KL term compares: noise (x vs x + noise) | dropout (two dropout
-                                   # draws on x, R-Drop: the expert needs dropout or drop path)
     nce: float = 0.0               # weight of the supervised contrastive (InfoNCE) loss
     nce_temperature: float = 0.1
 
@@ -113,7 +111,6 @@ class EnsembleConfig:
     oof_folds: int = 0
     oof_folds_csv: str = ""        # the folds: a folds.csv of experts.cluster_split; "" = stratified random
     oof_group_distance: int = 4    # random folds: near duplicates (pHash bits apart) share a fold; -1 = off
-    meta_features: list[str] = field(default_factory=list)  # stacker inputs beyond the scores: dae_terms
 
 
 @dataclass
@@ -145,12 +142,9 @@ class ExpertConfig:
                                    # (timm, clip, dae), e.g. {drop_path_rate: 0.1, channels: [32, 64, 128, 256]}
     image_size: int = 0            # 0 = data.image_size
     region: str = "face"           # the part of the face crop it sees: face (all) | mouth (data_prep/regions.py)
-    patch_size: int = 0            # >0: train on random patches of this side (native resolution); whole input at test
     epochs: int = 0                # 0 = train.epochs
     swa_fraction: float = 0.0      # >0: export the mean of the raw weights of this last fraction of the epochs
                                    # (SWA, BatchNorm statistics measured again), not the best-validated EMA weights
-    swa_lr: float = 0.0            # with swa_fraction: anneal to this share of lr before the averaged epochs, then
-                                   # hold it through them (0: the cosine runs to 0 at the last epoch)
     online_fakes: float = -1.0     # share of its training reals made editing fakes on the fly; -1 = data.online_fakes
     train_on: str = "all"          # all: the trainset | reals: its reals only, the fakes it learns from are its
                                    # editing fakes of them (the self-blended-images recipe; needs online_fakes > 0)
@@ -164,8 +158,6 @@ class ExpertConfig:
                                    # another seed, a second member of a seed ensemble
     validate_every: int = 1        # validate every n-th epoch and the last (the best EMA epoch is one of them)
     input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)
-    space_to_depth: int = 1        # timm kind: >1 folds each s x s block of the input (and its residuals) into
-                                   # channels before the backbone: native-resolution pixels at 1/s the size
     trainable: str = "all"         # timm, clip: all | norm_head (the normalisation layers' affine + the head;
                                    # CLIP's LayerNorms, a CNN's BatchNorms) | head (frozen backbone, a probe)
     head_layers: int = 1           # depth of the MLP head (timm, clip)
@@ -248,10 +240,15 @@ def _cast(value, typ, key: str):
     return value
 
 
-def _merge(obj, updates: dict, prefix: str = ""):
+def _merge(obj, updates: dict, prefix: str = "", stored: bool = False):
+    """Set `updates` (nested mappings) on the dataclass `obj`, each value cast to its field's
+    type. A removed key is an error (configs/removed.py); `stored` (a config a manifest
+    recorded, `from_dict`): one at its old default is passed over."""
     hints = typing.get_type_hints(type(obj))
     for key, value in updates.items():
         path = f"{prefix}{key}"
+        if removed_key(path, value, stored):
+            continue
         if key not in hints:
             raise ConfigError(f"unknown config key {path!r}; valid here: {sorted(hints)}")
         typ = hints[key]
@@ -259,13 +256,14 @@ def _merge(obj, updates: dict, prefix: str = ""):
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: expected a mapping")
-            _merge(current, value, path + ".")
+            _merge(current, value, path + ".", stored)
         elif typing.get_origin(typ) is dict and typing.get_args(typ)[1] is not ExpertConfig:
             # a mapping of settings (expert.<name>.augment): its values cast, merged key by key
             if not isinstance(value or {}, dict):
                 raise ConfigError(f"{path}: expected a mapping of settings, got {value!r}")
             value_type = typing.get_args(typ)[1]
-            current.update({k: _cast(v, value_type, f"{path}.{k}") for k, v in (value or {}).items()})
+            current.update({k: _cast(v, value_type, f"{path}.{k}") for k, v in (value or {}).items()
+                            if not removed_key(f"{path}.{k}", v, stored)})
         elif typing.get_origin(typ) is dict:  # the expert table: name -> ExpertConfig
             if not isinstance(value or {}, dict):
                 raise ConfigError(f"{path}: expected a mapping of expert name -> settings, got {value!r}")
@@ -275,9 +273,12 @@ def _merge(obj, updates: dict, prefix: str = ""):
                 # `expert.*.key=value`: every expert defined so far (the profile's and earlier overrides')
                 for each in (list(current) if name == EVERY_EXPERT else [name]):
                     entry = current.setdefault(each, ExpertConfig())
-                    _merge(entry, sub or {}, f"{path}.{each}.")
+                    _merge(entry, sub or {}, f"{path}.{each}.", stored)
         else:
-            setattr(obj, key, _cast(value, typ, path))
+            value = _cast(value, typ, path)
+            if key in REMOVED_NAMES and not stored:  # a recorded expert never built may name a removed kind
+                check_removed_names(key, value, path)
+            setattr(obj, key, value)
 
 
 def _dotted_to_nested(key: str, value) -> dict:
@@ -318,7 +319,6 @@ def load_config(profile: str = DEFAULT_PROFILE, overrides: list[str] | None = No
     cfg.profile = path.stem
     for update in parse_overrides(overrides or []):
         _merge(cfg, update)
-    loss_of(cfg, ExpertConfig())  # the shared loss settings, before anything runs
     missing = [e for e in cfg.experts if e not in cfg.expert]
     if missing:
         raise ConfigError(f"experts {missing} have no `expert.<name>` section; known: {sorted(cfg.expert)}")
@@ -336,12 +336,9 @@ def augment_of(cfg: Config, expert: ExpertConfig, name: str = "") -> AugmentConf
 
 def loss_of(cfg: Config, expert: ExpertConfig, name: str = "") -> LossConfig:
     """The losses an expert trains with: `loss.*`, then its own `expert.<name>.loss` values
-    (ConfigError naming the key for one that is not a loss setting, or a kl_view not known)."""
+    (ConfigError naming the key for one that is not a loss setting)."""
     loss = dataclasses.replace(cfg.loss)
     _merge(loss, expert.loss, f"expert.{name or '<name>'}.loss.")
-    if loss.kl_view not in KL_VIEWS:
-        key = f"expert.{name or '<name>'}.loss.kl_view" if "kl_view" in expert.loss else "loss.kl_view"
-        raise ConfigError(f"{key}: {loss.kl_view!r} is not one of {list(KL_VIEWS)}")
     return loss
 
 
@@ -375,6 +372,8 @@ def to_dict(cfg) -> dict:
 
 
 def from_dict(data: dict) -> Config:
+    """The config a manifest recorded (`to_dict`); one written before an option was removed
+    loads when it holds that option at its old default."""
     cfg = Config()
-    _merge(cfg, data)
+    _merge(cfg, data, stored=True)
     return cfg

@@ -133,26 +133,6 @@ def load_splits(root, seed: int = 0, val_fraction: float = 0.15, methods: list[s
     return {"trainset": train, "valset": val, "testset": test}
 
 
-def read_extra_reals(folder) -> list[Sample]:
-    """Real faces from another source, for the experts that learn from reals only (the DAE):
-    the reals of a labelled root's trainset (never its valset/testset), the `real/` folder
-    of a folders layout, or every image of a plain folder. An anomaly expert trained on one
-    data set's reals measures the distance from that domain; reals pooled from several
-    sources make it measure the distance from real faces instead."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataLayoutError(f"{folder}: data.extra_reals entry is not a directory")
-    if (folder / "trainset").is_dir() or label_path(folder, "trainset").exists():
-        reals = [s for s in read_labelled_split(folder, "trainset") if s.target == 0]
-    elif (folder / "real").is_dir():
-        reals = [Sample(p, 0) for p in list_images(folder / "real")]
-    else:
-        reals = [Sample(p, 0) for p in list_images(folder)]
-    if not reals:
-        raise DataLayoutError(f"{folder}: data.extra_reals entry holds no real images")
-    return reals
-
-
 def summarize(samples: list[Sample]) -> dict:
     n_fake = sum(1 for s in samples if s.target == 1)
     return {"n": len(samples), "n_fake": n_fake, "n_real": len(samples) - n_fake}

@@ -7,7 +7,7 @@
     loader = make_loader(train_set, cfg, sampler)
 
 Determinism: every random choice about sample i of epoch e (sample order, augmentations,
-online editing fakes, patches) is drawn from its own stream seeded from (seed, e, i), so a
+online editing fakes) is drawn from its own stream seeded from (seed, e, i), so a
 resumed run, or one with another worker count, draws exactly what the uninterrupted run drew.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ class FaceCropDataset(Dataset):
     editing fake is made from the whole crop and before the augmentations."""
 
     def __init__(self, samples, crops: FaceCropCache, size: int, cfg: Config, train: bool,
-                 paired_fakes: bool = False, patch_size: int = 0, online_fakes: float | None = None,
+                 paired_fakes: bool = False, online_fakes: float | None = None,
                  fake_ops: list[str] | None = None, boundaries: bool = False,
                  augment: AugmentConfig | None = None, seed: int | None = None, region: str = "face"):
         self.samples, self.crops, self.size, self.train = samples, crops, size, train
@@ -103,7 +103,6 @@ class FaceCropDataset(Dataset):
         self.fake_masks = cfg.data.fake_masks
         self.real_indices = [i for i, s in enumerate(samples) if s.target == 0]
         self.margin = cfg.face.margin
-        self.patch = patch_size if train and 0 < patch_size < size else 0
         self.region = check_region(region)
 
     def set_epoch(self, epoch: int) -> None:
@@ -138,10 +137,6 @@ class FaceCropDataset(Dataset):
         augmented = self.augment(image=image) if boundary is None else self.augment(image=image, mask=boundary)
         image = resize_square(augmented["image"], self.size)
         boundary = None if boundary is None else resize_square(augmented["mask"], self.size)
-        if self.patch:  # a native-resolution patch; evaluation sees the whole input
-            y0, x0 = rng.integers(0, self.size - self.patch + 1, size=2)
-            image = image[y0:y0 + self.patch, x0:x0 + self.patch]
-            boundary = None if boundary is None else boundary[y0:y0 + self.patch, x0:x0 + self.patch]
         if boundary is None:
             return to_tensor(image), target
         return to_tensor(image), target, torch.from_numpy(np.ascontiguousarray(boundary))[None]

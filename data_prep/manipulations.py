@@ -16,9 +16,8 @@ Every operation has the same signature
 
 The edits mimic the traces face-swap / face-editing pipelines leave: a blending boundary
 (self_blend, splice), resampling blur (resample), geometric warping (warp), colour
-inconsistency (color_mismatch), duplicated texture (copy_move), filled-in texture
-(inpaint) and a generator's up-sampling pattern (upsample_artefacts). Training a detector
-on them teaches it those traces rather than one generator.
+inconsistency (color_mismatch), duplicated texture (copy_move) and filled-in texture
+(inpaint). Training a detector on them teaches it those traces rather than one generator.
 """
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ import cv2
 import numpy as np
 
 from common.errors import UnknownNameError
+from configs import check_removed_names
 from data_prep.masks import (
     Box,
     blend,
@@ -260,59 +260,6 @@ def _random_blobs(shape_hw, rect: Box, rng: np.random.Generator) -> np.ndarray:
     return hole
 
 
-# ---------------------------------------------------------------- generator up-sampling
-
-def upsample_artefacts(image, rng, donor=None, face_box=None, landmarks=None):
-    """The face (or, one time in three, the whole image, as for a fully generated face)
-    redrawn at 1/2 or 1/4 resolution and brought back by generator-style up-sampling layers.
-
-    Each x2 step is a transposed convolution (zeros inserted between the pixels, then a
-    random, imperfect interpolation kernel) or a nearest-neighbour repeat followed by a
-    random smoothing convolution. GAN and diffusion decoders, and the decoders of Deepfakes
-    and NeuralTextures, up-sample this way, and their kernels never weight the output phases
-    exactly alike: a period-2 pattern, spectral replicas at multiples of 1/stride (Zhang et
-    al. 2019, "AutoGAN"; Frank et al. 2020). `resample` blurs; this leaves that pattern,
-    which no camera makes.
-    """
-    image = check_image(image)
-    h, w = image.shape[:2]
-    steps = 1 if rng.random() < 0.6 else 2
-    scale = 2 ** steps
-    small = cv2.resize(image, (max(1, -(-w // scale)), max(1, -(-h // scale))),
-                       interpolation=cv2.INTER_AREA).astype(np.float32)
-    for _ in range(steps):
-        small = _upsample_x2(small, rng)
-    redrawn = np.clip(small[:h, :w], 0.0, 255.0)
-    if rng.random() < 1 / 3:
-        mask = np.ones((h, w), np.float32)
-    else:
-        mask = soft_face_mask((h, w), face_box, rng, landmarks=landmarks)
-    return blend(image, redrawn, mask), mask
-
-
-def _upsample_x2(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One random x2 up-sampling layer of float32 H x W x 3 -> 2H x 2W x 3."""
-    h, w = image.shape[:2]
-    if rng.random() < 0.5:
-        # Transposed convolution, stride 2: the bilinear kernel with every tap off by a few
-        # per cent, scaled so the mean gain is 1; the four output phases then differ in gain
-        # by about as much: a pattern of a grey level or two, invisible, as a trained
-        # generator's (at 30 % the grid is plain to see).
-        taps = np.array([0.25, 0.75, 0.75, 0.25]) if rng.random() < 0.5 else np.array([0.5, 1.0, 0.5])
-        error = rng.uniform(0.01, 0.06)
-        kernel = np.outer(taps, taps) * rng.uniform(1 - error, 1 + error, (taps.size, taps.size))
-        kernel *= 4.0 / kernel.sum()
-        zeros = np.zeros((2 * h, 2 * w, 3), np.float32)
-        zeros[::2, ::2] = image
-        return cv2.filter2D(zeros, -1, kernel.astype(np.float32), borderType=cv2.BORDER_REFLECT_101)
-    # Nearest-neighbour repeat + a random 3 x 3 smoothing convolution (positive taps, sum 1).
-    kernel = rng.uniform(0.2, 1.0, (3, 3))
-    kernel[1, 1] += rng.uniform(0.5, 2.0)
-    repeated = cv2.resize(image, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST)
-    return cv2.filter2D(repeated, -1, (kernel / kernel.sum()).astype(np.float32),
-                        borderType=cv2.BORDER_REFLECT_101)
-
-
 # ---------------------------------------------------------------- registry and entry points
 
 MANIPULATIONS = {
@@ -323,20 +270,18 @@ MANIPULATIONS = {
     "warp": warp,
     "color_mismatch": color_mismatch,
     "inpaint": inpaint,
-    "upsample_artefacts": upsample_artefacts,
 }
 
 # The ops used when none are named (training's online fakes, the stacker's editing fakes,
-# make_fakes, the demo). upsample_artefacts is left out: reals + editing fakes only
-# (protocol c of bench.generalization) fell from 0.542 to 0.524 (forensic expert) and from
-# 0.538 to 0.533 (resnet) with it, and whether it helps on fully generated faces cannot be
-# measured here (RESULTS.md). Name it to use it: data.online_fake_ops=[...].
-DEFAULT_OPS = tuple(name for name in MANIPULATIONS if name != "upsample_artefacts")
+# make_fakes, the demo): all of them, in this order (a random draw picks by position).
+DEFAULT_OPS = tuple(MANIPULATIONS)
 
 
 def check_names(names) -> list[str]:
-    """The names as a list, or KeyError naming the unknown ones and the valid ones."""
+    """The names as a list, or KeyError naming the unknown ones and the valid ones (or the
+    removed one)."""
     names = [names] if isinstance(names, str) else list(names)
+    check_removed_names("online_fake_ops", names, error=UnknownNameError)
     unknown = [n for n in names if n not in MANIPULATIONS]
     if unknown or not names:
         raise UnknownNameError(f"unknown manipulation(s) {unknown or '(none given)'}; "

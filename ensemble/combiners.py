@@ -2,7 +2,7 @@
 
 Each combiner has fit(X, y), predict(X) -> P(fake) (n,), to_state() -> a JSON-serialisable
 dict, and from_state(state); X holds one row per sample: the experts' scores first, then any
-other meta-features (TTA spreads, the DAE's error terms).
+other columns (the TTA spreads).
 
   MeanCombiner      plain average of the score columns (no fitting)
   RankMeanCombiner  average of each score column's rank within the training scores
@@ -30,7 +30,7 @@ PROBABILITY_CLIP = 1e-6
 
 class MeanCombiner:
     """Average of the first `n_columns` columns, the expert scores (None: every column, as
-    states written before there were other meta-features)."""
+    states written before there were other columns)."""
     name = "mean"
 
     def __init__(self, n_columns=None):

@@ -14,10 +14,10 @@ already trained). Either way it then combines the experts of `out` (trained on a
 mean by the meta-learner's own cross-validated AUC and keeps the best. With
 `ensemble.editing_fakes=F`, a fraction F of the scored reals also enters the fit as an
 editing fake of itself: fakes of no method the experts were trained on, so that the
-meta-learner rewards the experts that catch unseen manipulations. `ensemble.meta_features`
-adds inputs beyond the scores (and TTA spreads): `dae_terms`, the DAE's three error terms.
-With `ensemble.calibrate` (the default) the stacker's output is then Platt-scaled on the
-scored images alone, so that editing fakes, which double the fakes of a hold-out fit, do not
+meta-learner rewards the experts that catch unseen manipulations. Its inputs are the
+experts' scores (and, with `train.tta`, their spreads between the views). With
+`ensemble.calibrate` (the default) the stacker's output is then Platt-scaled on the scored
+images alone, so that editing fakes, which double the fakes of a hold-out fit, do not
 inflate every P(fake). The result goes to `<out>/ensemble.json` (JSON, no pickle) and the manifest.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from common.errors import ConfigError, DataLayoutError, UsageError
 from common.files import write_files_atomically
 from common.runtime import sample_seed
 from configs import Config, config_from
-from data_prep.dataset import Sample, load_splits, read_extra_reals
+from data_prep.dataset import Sample, load_splits
 from data_prep.faces import FaceCropCache
 from data_prep.images import ImageDecodeError
 from data_prep.manipulations import fake_from_face_crop
@@ -88,12 +88,8 @@ def check_no_trainset_copies(samples: list[Sample], trained: dict[str, str], whe
 
 
 def holdout_rows(cfg: Config, splits: dict) -> StackingRows:
-    """The valset, scored by the experts of `out`, which trained on trainset (and the
-    reals-only ones also on data.extra_reals: a validation image copied from there is
-    leakage too)."""
-    extra = [s for folder in cfg.data.extra_reals for s in read_extra_reals(folder)]
+    """The valset, scored by the experts of `out`, which trained on trainset."""
     trained = {h: f"trainset/{s.name}" for s in splits["trainset"] if (h := content_id(s.path))}
-    trained.update({h: str(s.path) for s in extra if (h := content_id(s.path))})
     return StackingRows("valset", Path(cfg.out), list(cfg.experts), splits["valset"], trained,
                         str(cfg.data_root), REMOVE_COPIES)
 
@@ -119,7 +115,7 @@ def stacking_matrix(cfg: Config, row_sets: list[StackingRows], final: EnsembleDe
             detector = final
         else:
             detector = EnsembleDetector.from_weights(rows.weights, rows.experts, cfg.device, tta=cfg.train.tta,
-                                                     use_stacker=False, meta_features=cfg.ensemble.meta_features)
+                                                     use_stacker=False)
         _, features, errors = score_samples(detector, [s.path for s in rows.samples], cfg.train.batch_size,
                                             cfg.data.num_workers, progress=sys.stderr.isatty())
         keep = [i for i in range(len(rows.samples)) if i not in errors]
@@ -150,8 +146,7 @@ def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
     if splits is None:
         splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods)
     # The experts the stacker combines at test time: the ones trained on all the data.
-    detector = EnsembleDetector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta,
-                                             use_stacker=False, meta_features=cfg.ensemble.meta_features)
+    detector = EnsembleDetector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta, use_stacker=False)
     columns = detector.feature_names()
     if k:
         pool = splits["trainset"] + splits["valset"]
@@ -166,7 +161,7 @@ def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
         scored = " + ".join(rows.name for rows in row_sets)
         raise DataLayoutError(f"{cfg.data_root}: the stacker is fitted on the scored {scored} images, which hold "
                               f"{counts[0]} real(s) and {counts[1]} fake(s); it needs at least 2 of each")
-    # Every expert score means "higher is faker"; the TTA spreads and error terms may point either way.
+    # Every expert score means "higher is faker"; the TTA spreads may point either way.
     monotone = [int(cfg.ensemble.monotone and col in detector.experts) for col in columns]
     stacker = StackingEnsemble(method=cfg.ensemble.method, cv=cfg.ensemble.cv, random_state=cfg.seed,
                                feature_names=columns, monotone=monotone,
@@ -179,7 +174,7 @@ def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
     fitted_on = (f"out-of-fold scores of trainset+valset ({n_scored} images, {k} folds)" if k
                  else f"valset ({n_scored} images, hold-out)")
     entry = {"file": path.name, "sha256": sha256_file(path), "experts": list(detector.experts),
-             "tta": detector.tta, "meta_features": detector.meta_features, "method": stacker.method_,
+             "tta": detector.tta, "method": stacker.method_,
              "feature_names": columns, "cv_auc": stacker.cv_auc_,
              "calibration": {"slope": stacker.calibration_[0], "intercept": stacker.calibration_[1],
                              "fitted_on": "the scored images, not the editing fakes"}

@@ -5,7 +5,7 @@
 
 Only the experts' forward passes change: each exported expert is wrapped in `OnnxExpert`,
 which offers what `ensemble.predictor.EnsembleDetector` uses of a torch expert (`image_size`,
-`predict_proba`, and the error ratios of an expert that has them), so decoding, face crop,
+`region`, `predict_proba`), so decoding, face crop,
 resizing, TTA views, the stacker and the CSV are the torch backend's own code, and the two
 backends score alike (tests/test_onnx.py).
 onnxruntime is imported only here, so the torch backend never needs it.
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from configs import FaceConfig
+from configs import FaceConfig, without_removed
 from ensemble.predictor import EnsembleDetector
-from experts.export_onnx import ERROR_RATIOS_NAME, import_optional, read_onnx_manifest, verified_onnx_file
+from experts.export_onnx import OUTPUT_NAME, import_optional, read_onnx_manifest, verified_onnx_file
 from experts.weights import WeightsError
 
 
@@ -37,24 +37,20 @@ class OnnxExpert:
             reason = str(err).strip().splitlines()[0][:200]
             raise WeightsError(f"{path}: onnxruntime cannot load it: {reason}") from None
         self.input_name = self.session.get_inputs()[0].name
-        self.has_error_ratios = ERROR_RATIOS_NAME in [o.name for o in self.session.get_outputs()]
         self.image_size, self.region = image_size, region
 
     def predict_proba(self, crops: torch.Tensor) -> torch.Tensor:
-        """P(fake) (B,) of a float crop batch in [0, 1], as `Expert.predict_proba`."""
-        return self.predict_proba_and_error_ratios(crops)[0]
-
-    def predict_proba_and_error_ratios(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(P(fake) (B,), error ratios (B, 3), or None for an expert without them)."""
-        outputs = self.session.run(None, {self.input_name: crops.float().cpu().numpy()})
-        return torch.from_numpy(outputs[0]), (torch.from_numpy(outputs[1]) if len(outputs) > 1 else None)
+        """P(fake) (B,) of a float crop batch in [0, 1], as `Expert.predict_proba`: the output
+        named p_fake (any other output of an older export is not computed)."""
+        (p_fake,) = self.session.run([OUTPUT_NAME], {self.input_name: crops.float().cpu().numpy()})
+        return torch.from_numpy(p_fake)
 
 
 def onnx_detector(location, experts: list[str] | None = None, tta: list[str] | None = None,
                   threads: int | None = None) -> EnsembleDetector:
     """Like `EnsembleDetector.from_weights`, from an ONNX export: the stacker's experts (else all,
     or `experts`), the stacker when they are exactly its experts (else their plain mean),
-    its TTA views (and meta-features) unless `tta` says otherwise. `threads`: onnxruntime's threads per expert,
+    its TTA views unless `tta` says otherwise. `threads`: onnxruntime's threads per expert,
     by default torch's, so that both backends get the same share of the CPU."""
     folder, manifest = read_onnx_manifest(location)
     available = list(manifest.get("experts", {}))
@@ -69,11 +65,10 @@ def onnx_detector(location, experts: list[str] | None = None, tta: list[str] | N
         entry = manifest["experts"][name]
         loaded[name] = OnnxExpert(verified_onnx_file(folder, entry, f"expert {name!r}"), entry["input_size"], threads,
                                   entry.get("region", "face"))
-    stacker, meta_features = None, []
+    stacker = None
     if ensemble and list(ensemble["experts"]) == list(names):  # a subset falls back to the plain mean
         from ensemble.stacking import StackingEnsemble
+        without_removed(ensemble, "ensemble.", str(location))  # one fitted on removed inputs: an error
         stacker = StackingEnsemble.from_state(json.loads(verified_onnx_file(folder, ensemble, "ensemble").read_text()))
         tta = ensemble.get("tta", []) if tta is None else tta
-        meta_features = ensemble.get("meta_features", [])
-    return EnsembleDetector(loaded, FaceConfig(**manifest["face"]), torch.device("cpu"), list(tta or []), stacker,
-                            meta_features)
+    return EnsembleDetector(loaded, FaceConfig(**manifest["face"]), torch.device("cpu"), list(tta or []), stacker)

@@ -37,12 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import ConfigError, DataLayoutError
-from configs import Config
+from configs import Config, without_removed
 from data_prep.audit import fingerprint, near_duplicate_pairs
-from data_prep.dataset import Sample, read_extra_reals
+from data_prep.dataset import Sample
 from data_prep.folds import FOLDS_HEADER, UNCLUSTERED, read_folds, write_folds
 from experts.train import HELD_OUT_FOLD, train_experts
-from experts.weights import WeightsError, read_manifest, sha256_file
+from experts.weights import MANIFEST, WeightsError, read_manifest, sha256_file
 
 log = logging.getLogger("ensemble.oof")
 
@@ -220,15 +220,14 @@ def out_of_fold_rows(cfg: Config, pool: list[Sample], ids: dict[str, str | None]
     rows = []
     for fold in range(k):
         weights = fold_dir(cfg, fold) / "weights"
-        recorded = read_manifest(weights).get("config", {}).get("data", {})
+        recorded = without_removed(read_manifest(weights).get("config", {}).get("data", {}), "data.",
+                                   str(weights / MANIFEST))  # trained with removed options: an error
         if recorded.get("fold") != fold or not recorded.get("folds_csv"):
             raise WeightsError(f"{weights}: its experts were not trained as fold {fold} (data.fold, "
                                f"data.folds_csv); {retrain}")
         assignment = read_folds(recorded["folds_csv"])
         trained = {ids[s.name]: f"{s.name} (fold {fold}'s experts trained on it)" for s in pool
                    if assignment.get(s.name, HELD_OUT_FOLD) != HELD_OUT_FOLD and ids[s.name]}
-        for folder in recorded.get("extra_reals", []):
-            trained.update({h: str(s.path) for s in read_extra_reals(folder) if (h := content_id(s.path))})
         rows.append(StackingRows(
             name=f"fold-{fold}", weights=weights, experts=[f"{n}_fold{fold}" for n in cfg.experts],
             samples=[s for s in pool if outer[s.name] == fold], trained=trained, where=str(folds_csv),

@@ -9,9 +9,9 @@ caller crops, resizes and combines exactly as training did.
 
 Precision (`EnsembleDetector(precision=...)`, `--precision` of infer.py and ensemble.evaluate):
 `fp32`; `bf16`: the experts' forward passes run under bf16 autocast (scores stay float32;
-the fixed statistics of the forensic and co-occurrence experts opt out of autocast
-themselves); `auto`: bf16 where the device computes it natively
-(`common.runtime.native_bf16`, which `train.amp: auto` follows too), else fp32. The default
+the fixed statistics of the forensic expert opt out of autocast themselves); `auto`: bf16
+where the device computes it natively (`common.runtime.native_bf16`, which `train.amp: auto`
+follows too), else fp32. The default
 is DEFAULT_PRECISION. bf16 on a CPU also lays the experts' weights and inputs out
 channels-last, where oneDNN's bf16 convolutions run fastest.
 """
@@ -29,19 +29,14 @@ from torch.utils.data import Dataset
 from common.errors import UsageError
 from common.inputs import to_unit_float
 from common.runtime import native_bf16, select_device
-from configs import ConfigError, FaceConfig
+from configs import ConfigError, FaceConfig, without_removed
 from data_prep.faces import crop_face
 from data_prep.images import ImageDecodeError, decode_image
 from data_prep.landmarks import detect_landmarks
 from data_prep.regions import region_tensor
-from experts.weights import WeightsError, face_config_of, load_expert, read_manifest, verified_file
+from experts.weights import MANIFEST, WeightsError, face_config_of, load_expert, read_manifest, verified_file
 
 ENSEMBLE_FILE = "ensemble.json"
-
-# Stacker inputs beyond each expert's score and TTA spread (ensemble.meta_features):
-# dae_terms = the three error terms of every expert that has them (experts.dae).
-META_FEATURES = ("dae_terms",)
-DAE_TERMS = ("global", "patch", "feature")
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # bf16 where the hardware computes it natively: measured with the cpu profile's FF++ weights, it
@@ -91,7 +86,6 @@ class EnsembleDetector:
     device: torch.device
     tta: list[str] = field(default_factory=list)
     stacker: object | None = None      # ensemble.stacking.StackingEnsemble, or None = mean
-    meta_features: list[str] = field(default_factory=list)  # of META_FEATURES: more stacker inputs
     precision: str = DEFAULT_PRECISION  # of PRECISIONS; after construction, what it runs in: fp32 or bf16
 
     def __post_init__(self):
@@ -103,23 +97,18 @@ class EnsembleDetector:
         if self.channels_last:
             for model in self.experts.values():
                 model.to(memory_format=torch.channels_last)
-        unknown = sorted(set(self.meta_features) - set(META_FEATURES))
-        if unknown:
-            raise ConfigError(f"ensemble.meta_features: unknown {unknown}; known: {list(META_FEATURES)}")
         fitted = getattr(self.stacker, "feature_names", None)
         if fitted is not None and list(fitted) != self.feature_names():  # else a traceback at scoring
             raise WeightsError(f"the stacker was fitted on the columns {list(fitted)}, but these experts with "
-                               f"TTA {self.tta} and meta-features {self.meta_features} give "
+                               f"TTA {self.tta} give "
                                f"{self.feature_names()}; use the settings it was fitted with, or refit it")
 
     @classmethod
     def from_weights(cls, weights_dir, experts: list[str] | None = None, device="auto",
                      tta: list[str] | None = None, use_stacker: bool = True,
-                     meta_features: list[str] | None = None,
                      precision: str = DEFAULT_PRECISION) -> "EnsembleDetector":
         """`use_stacker=False`: the experts alone (plain mean), without reading the stacker,
-        as `ensemble.fit` needs when it is about to replace it. `tta` and `meta_features`
-        default to the stacker's."""
+        as `ensemble.fit` needs when it is about to replace it. `tta` defaults to the stacker's."""
         weights_dir = Path(weights_dir)
         manifest = read_manifest(weights_dir)
         available = list(manifest.get("experts", {}))
@@ -140,57 +129,38 @@ class EnsembleDetector:
         stacker = None
         if ens and list(ens["experts"]) == list(names):  # a subset falls back to the plain mean
             from ensemble.stacking import StackingEnsemble
+            without_removed(ens, "ensemble.", str(weights_dir / MANIFEST))  # fitted on removed inputs: an error
             path = verified_file(weights_dir, ens, "ensemble")
             stacker = StackingEnsemble.from_state(json.loads(path.read_text()))
             tta = ens.get("tta", []) if tta is None else tta
-            meta_features = ens.get("meta_features", []) if meta_features is None else meta_features
-        return cls(loaded, face, dev, list(tta or []), stacker, list(meta_features or []), precision)
+        return cls(loaded, face, dev, list(tta or []), stacker, precision=precision)
 
     @property
     def input_keys(self) -> list[InputKey]:
         return sorted({input_key(m) for m in self.experts.values()})
 
-    def _with_error_terms(self) -> list[str]:
-        """The experts whose error terms are stacker inputs (meta-feature dae_terms)."""
-        if "dae_terms" not in self.meta_features:
-            return []
-        return [n for n, model in self.experts.items() if getattr(model, "has_error_ratios", False)]
-
     def feature_names(self) -> list[str]:
         names = list(self.experts)
         if self.tta:
             names += [f"{n}_tta_spread" for n in self.experts]
-        names += [f"{n}_{term}_error" for n in self._with_error_terms() for term in DAE_TERMS]
         return names
 
     @torch.inference_mode()
     def expert_features(self, batch: dict[InputKey, torch.Tensor]) -> np.ndarray:
         """(B, n_features): each expert's P(fake), averaged over TTA views, then (with TTA)
-        each expert's spread between views, a cue of uncertainty the stacker may use, then
-        (meta-feature dae_terms) each DAE's three error terms, averaged over the views.
+        each expert's spread between views, a cue of uncertainty the stacker may use.
         Always float32, whatever `precision` the forward passes ran in."""
         inputs = {key: to_unit_float(t, self.device) for key, t in batch.items()}
         if self.channels_last:
             inputs = {key: x.contiguous(memory_format=torch.channels_last) for key, x in inputs.items()}
-        means, spreads, errors = [], [], []
-        with_terms = self._with_error_terms()
-        for name, model in self.experts.items():
+        means, spreads = [], []
+        for model in self.experts.values():
             views = tta_views(inputs[input_key(model)], self.tta)
             with precision_autocast(self.precision, self.device):
-                if name in with_terms:
-                    outputs = [model.predict_proba_and_error_ratios(v) for v in views]
-                    p_fake = torch.stack([p.float() for p, _ in outputs]).cpu()
-                    ratio = torch.stack([r.float() for _, r in outputs]).mean(0).cpu()
-                else:
-                    p_fake = torch.stack([model.predict_proba(v).float() for v in views]).cpu()
+                p_fake = torch.stack([model.predict_proba(v).float() for v in views]).cpu()
             means.append(p_fake.mean(0))
             spreads.append(p_fake.max(0).values - p_fake.min(0).values)
-            if name in with_terms:
-                # Each term relative to its mean on the training reals (1 = as a typical real),
-                # as r / (1 + r): in (0, 1) like a score, and logit(r / (1 + r)) = log r, so
-                # the logistic stacker reads log error ratios.
-                errors += list((ratio / (1 + ratio)).unbind(1))
-        cols = means + (spreads if self.tta else []) + errors
+        cols = means + (spreads if self.tta else [])
         return torch.stack(cols, dim=1).numpy()
 
     def combine(self, features: np.ndarray) -> np.ndarray:

@@ -2,5 +2,5 @@
 
 Importing this package registers every expert kind, so `create_expert(cfg, size)` finds it.
 """
-from experts import clip_vit, cooccurrence, dae, forensic, mesonet, timm_classifier  # noqa: F401  (registration)
+from experts import clip_vit, dae, forensic, mesonet, timm_classifier  # noqa: F401  (registration)
 from experts.base import EXPERT_ALIASES, EXPERTS, Expert, create_expert, expert_class, register_expert  # noqa: F401

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 
 from common.errors import ConfigError, UnknownNameError
 from common.inputs import IMAGENET_MEAN, IMAGENET_STD
-from configs import Config, ExpertConfig, LossConfig, augment_of, loss_of
+from configs import Config, ExpertConfig, LossConfig, augment_of, check_removed_names, loss_of
 from data_prep.regions import check_region
-from experts.losses import classification_losses, has_dropout
+from experts.losses import classification_losses
 from experts.pretrained import (  # noqa: F401  (PretrainedWeightsError: re-exported)
     HUB,
     PACKAGED,
@@ -51,8 +51,8 @@ from experts.pretrained import (  # noqa: F401  (PretrainedWeightsError: re-expo
 EXPERTS: dict[str, type["Expert"]] = {}          # kind -> class
 EXPERT_ALIASES: dict[str, str] = {}              # an older kind name -> the kind that builds it now
 # Read by the trainer for every kind, so never an error.
-TRAINER_FIELDS = frozenset({"kind", "image_size", "region", "patch_size", "epochs", "swa_fraction", "swa_lr", "lr",
-                            "seed", "validate_every", "online_fakes", "online_fake_ops", "train_on", "augment", "loss"})
+TRAINER_FIELDS = frozenset({"kind", "image_size", "region", "epochs", "swa_fraction", "lr", "seed", "validate_every",
+                            "online_fakes", "online_fake_ops", "train_on", "augment", "loss"})
 TRAIN_ON = ("all", "reals")  # expert.<name>.train_on
 
 
@@ -74,6 +74,7 @@ def expert_class(kind: str) -> type["Expert"]:
     """The class that builds expert `kind` (a registered kind or an alias of one)."""
     kind = EXPERT_ALIASES.get(kind, kind)
     if kind not in EXPERTS:
+        check_removed_names("kind", kind, error=UnknownNameError)
         raise UnknownNameError(f"unknown expert kind {kind!r}; registered: {sorted(EXPERTS)}, "
                                f"aliases: {sorted(EXPERT_ALIASES)}")
     return EXPERTS[kind]
@@ -81,17 +82,13 @@ def expert_class(kind: str) -> type["Expert"]:
 
 def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Expert"]:
     """The class of `cfg.kind`, after checking that every field set away from its default is
-    one that kind reads (that swa_fraction and swa_lr are fractions, boundary_loss not negative, augment
-    names augmentation settings);
-    ConfigError naming the key (`expert.<name>.<field>`) otherwise."""
+    one that kind reads (that swa_fraction is a fraction, boundary_loss not negative, augment
+    names augmentation settings); ConfigError naming the key (`expert.<name>.<field>`) otherwise."""
     cls = expert_class(cfg.kind)
     prefix = f"expert.{name}." if name else ""
     if not 0 <= cfg.swa_fraction <= 1:
         raise ConfigError(f"{prefix}swa_fraction: {cfg.swa_fraction} is not a fraction of the epochs "
                           "(0 = off, up to 1)")
-    if not 0 <= cfg.swa_lr <= 1 or (cfg.swa_lr > 0 and cfg.swa_fraction == 0):
-        raise ConfigError(f"{prefix}swa_lr: {cfg.swa_lr} must be a share of lr (0 = off, up to 1), "
-                          "and needs swa_fraction > 0")
     if cfg.validate_every < 1:
         raise ConfigError(f"{prefix}validate_every: {cfg.validate_every} must be 1 (every epoch) or more")
     if cfg.seed < -1:
@@ -208,12 +205,10 @@ class Expert(nn.Module):
 
     def training_samples(self, splits: dict[str, list]) -> list:
         """The samples this expert learns from: the trainset; for a reals-only expert the
-        trainset's reals plus `splits["extra_reals"]` (data.extra_reals), never a fake; with
-        `train_on: reals` the trainset's reals, which the trainer turns into editing fakes."""
+        trainset's reals, never a fake; with `train_on: reals` the trainset's reals, which the
+        trainer turns into editing fakes."""
         reals = [s for s in splits["trainset"] if s.target == 0]
-        if self.trains_on_real_only:
-            return reals + splits.get("extra_reals", [])
-        return reals if self.cfg.train_on == "reals" else splits["trainset"]
+        return reals if self.trains_on_real_only or self.cfg.train_on == "reals" else splits["trainset"]
 
     def trainable_parameters(self, loss_cfg: LossConfig) -> list[nn.Parameter]:
         """The parameters the optimizer updates under these losses; the others are frozen
@@ -285,26 +280,18 @@ class FeatureClassifier(Expert):
     def training_loss(self, x, y, loss_cfg: LossConfig):
         return self.losses_of_features(x, y, self.features(x), loss_cfg)
 
-    def losses_of_features(self, x, y, feats, loss_cfg: LossConfig, redraw_features=None):
-        """The losses of `feats` = features(x). `redraw_features()`, when given, computes them
-        again under new dropout masks more cheaply than `features(x)` (fixed statistics)."""
+    def losses_of_features(self, x, y, feats, loss_cfg: LossConfig):
+        """The losses of `feats` = features(x)."""
         logits = self.head(feats)
         # The KL term's second view costs a forward pass; skip it without the term.
         second_logits = None
-        if loss_cfg.kl > 0 and loss_cfg.kl_view == "dropout":
-            second_logits = self.head(redraw_features() if redraw_features else self.features(x))
-        elif loss_cfg.kl > 0:
+        if loss_cfg.kl > 0:
             noisy = (x + loss_cfg.kl_noise_std * torch.randn_like(x)).clamp(0, 1)
             second_logits = self(noisy)
         projected = F.normalize(self.projector(feats), dim=1) if loss_cfg.nce > 0 else None
         return classification_losses(logits, y, loss_cfg, second_logits, projected)
 
     def trainable_parameters(self, loss_cfg: LossConfig) -> list[nn.Parameter]:
-        if loss_cfg.kl > 0 and loss_cfg.kl_view == "dropout" and not has_dropout(self):
-            # Two passes without dropout are the same pass: the KL term would be 0, silently.
-            raise ConfigError(f"loss.kl_view dropout: the {self.cfg.kind!r} expert has no dropout or drop path "
-                              "to draw twice; give it some (expert.<name>.drop_rate, or "
-                              "model_args.drop_path_rate), or use kl_view noise")
         if loss_cfg.nce == 0:
             # Only the NCE loss uses the projection head: without it, freeze it, so it neither
             # counts as trainable nor leaves DDP waiting for gradients that never come.
@@ -331,9 +318,8 @@ class FixedStatistics(nn.Module):
 
 class FixedStatisticsClassifier(FeatureClassifier):
     """A FeatureClassifier whose features are fixed statistics of the image (a
-    `FixedStatistics` module) and a small MLP: the forensic and the
-    co-occurrence experts. Nothing but the MLP learns, in a few epochs from a few thousand
-    images, where a CNN from scratch needs many."""
+    `FixedStatistics` module) and a small MLP: the forensic expert. Nothing but the MLP
+    learns, in a few epochs from a few thousand images, where a CNN from scratch needs many."""
 
     width = 64
 
@@ -351,12 +337,6 @@ class FixedStatisticsClassifier(FeatureClassifier):
 
     def features(self, x):
         return self.body(self.statistics(x))
-
-    def training_loss(self, x, y, loss_cfg: LossConfig):
-        # The statistics are fixed: a second dropout draw (loss.kl_view dropout) reruns the MLP only.
-        statistics = self.statistics(x)
-        return self.losses_of_features(x, y, self.body(statistics), loss_cfg,
-                                       redraw_features=lambda: self.body(statistics))
 
     def gradcam_layer(self):
         return None  # fixed statistics: no learned spatial map to explain

@@ -101,14 +101,6 @@ class DenoisingAutoencoderExpert(Expert):
     def forward(self, x):
         return self.logits(self.error_ratios(x))
 
-    # The stacker's meta-feature dae_terms reads the error ratios beside P(fake) (ensemble.predictor).
-    has_error_ratios = True
-
-    def predict_proba_and_error_ratios(self, x) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P(fake) (B,), error ratios (B, 3)) from one reconstruction, not two."""
-        ratios = self.error_ratios(x)
-        return self.logits(ratios).float().softmax(dim=1)[:, 1], ratios.float()
-
     def embed(self, x):
         return self.encoder(x).mean(dim=(2, 3))
 

@@ -7,9 +7,7 @@
 Each expert becomes `<name>.onnx`: its forward pass from a float32 batch of face crops in
 [0, 1] (B, 3, S, S), S its input size, the batch axis dynamic, to P(fake) (B,), with its
 normalisation and fixed filters (SRM residuals, forensic statistics) inside, so a caller
-decodes, crops and resizes as `infer.py` does and nothing more. An expert with error terms
-(the DAE) has a second output, its error ratios (B, 3), which a stacker fitted with
-`ensemble.meta_features=[dae_terms]` reads. Float rather than uint8
+decodes, crops and resizes as `infer.py` does and nothing more. Float rather than uint8
 input, because the test-time augmentation views (a zoom) are not whole numbers. The stacker
 stays the JSON it is (`ensemble.json`, copied beside them). The ONNX manifest
 (`onnx_manifest.json` in the folder, or the .json named by --out) records the sha256 of every
@@ -41,6 +39,7 @@ import torch.nn as nn
 from common.cli import CommandLine, entry_point
 from common.errors import UsageError, UserError
 from common.files import write_files_atomically
+from configs import without_removed
 from experts.weights import (
     MANIFEST,
     WeightsError,
@@ -56,7 +55,6 @@ FORMAT_VERSION = 1
 OPSET = 17            # run by onnxruntime 1.13 and later; fully covered by torch's TorchScript exporter
 TOLERANCE = 1e-4      # largest |P(fake) difference| accepted between onnxruntime and torch
 INPUT_NAME, OUTPUT_NAME = "crops", "p_fake"
-ERROR_RATIOS_NAME = "error_ratios"  # the second output of an expert with error terms (the DAE)
 
 
 class OnnxUnavailable(UserError, ImportError):
@@ -71,21 +69,14 @@ def import_optional(module: str):
                               f"installs it (it is only needed for ONNX)") from None
 
 
-def output_names(expert: nn.Module) -> list[str]:
-    return [OUTPUT_NAME, ERROR_RATIOS_NAME] if getattr(expert, "has_error_ratios", False) else [OUTPUT_NAME]
-
-
 class ProbabilityOfFake(nn.Module):
-    """The graph that is exported: an expert's P(fake) from a float crop batch in [0, 1], and
-    its error ratios where it has them (`output_names`)."""
+    """The graph that is exported: an expert's P(fake) from a float crop batch in [0, 1]."""
 
     def __init__(self, expert: nn.Module):
         super().__init__()
         self.expert = expert
 
     def forward(self, crops: torch.Tensor):
-        if getattr(self.expert, "has_error_ratios", False):
-            return self.expert.predict_proba_and_error_ratios(crops)
         return self.expert.predict_proba(crops)
 
 
@@ -97,26 +88,23 @@ def onnx_bytes(expert: nn.Module) -> bytes:
     graph = ProbabilityOfFake(expert).eval()  # the exporter restores the top module's mode to all
     example = torch.rand(2, 3, expert.image_size, expert.image_size, generator=torch.Generator().manual_seed(0))
     buffer = io.BytesIO()
-    outputs = output_names(expert)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(graph, (example,), buffer, dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=outputs,
-                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME] + outputs})
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, OUTPUT_NAME)})
     return buffer.getvalue()
 
 
 def largest_difference(expert: nn.Module, model: bytes) -> float:
-    """max |difference| between onnxruntime's and torch's outputs (P(fake), and the error
-    ratios where there are some) on a random batch of 4 crops."""
+    """max |difference| between onnxruntime's and torch's P(fake) on a random batch of 4 crops."""
     ort = import_optional("onnxruntime")
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     crops = torch.rand(4, 3, expert.image_size, expert.image_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = ProbabilityOfFake(expert)(crops)
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    got = session.run(None, {INPUT_NAME: crops.numpy()})
-    return max(float(abs(g - e.float().numpy()).max()) for g, e in zip(got, expected, strict=True))
+    (got,) = session.run(None, {INPUT_NAME: crops.numpy()})
+    return float(abs(got - expected.float().numpy()).max())
 
 
 def output_paths(out: Path) -> tuple[Path, Path]:
@@ -171,7 +159,7 @@ def export(weights: Path, out: Path, requested: list[str] | None = None) -> Path
         path = folder / f"{name}.onnx"
         files[path] = model
         exported[name] = {"file": path.name, "sha256": hashlib.sha256(model).hexdigest(), "kind": entry["kind"],
-                          "input_size": expert.image_size, "region": expert.region, "outputs": output_names(expert),
+                          "input_size": expert.image_size, "region": expert.region, "outputs": [OUTPUT_NAME],
                           "source_file": entry["file"],
                           "source_sha256": entry["sha256"], "max_difference_from_torch": difference}
         print(f"{name}: {path} ({len(model) / 1e6:.2f} MB), max |P(fake) onnxruntime - torch| "
@@ -193,11 +181,11 @@ def export(weights: Path, out: Path, requested: list[str] | None = None) -> Path
         onnx_manifest["not_exported"] = not_exported
     stacker = manifest.get("ensemble", {}).get("stacker")
     if stacker and list(stacker["experts"]) == list(exported):
+        without_removed(stacker, "ensemble.", str(weights / MANIFEST))  # one fitted on removed inputs: an error
         source = verified_file(weights, stacker, "ensemble")
         files[folder / source.name] = source.read_bytes()
         onnx_manifest["ensemble"] = {"file": source.name, "sha256": stacker["sha256"],
-                                     "experts": list(stacker["experts"]), "tta": stacker.get("tta", []),
-                                     "meta_features": stacker.get("meta_features", [])}
+                                     "experts": list(stacker["experts"]), "tta": stacker.get("tta", [])}
     elif stacker:
         print(f"warning: the stacker combines {stacker['experts']}, not the exported {list(exported)}: "
               f"it is left out and the ONNX ensemble averages them", file=sys.stderr)

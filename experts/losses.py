@@ -1,14 +1,9 @@
 """The three training losses, each switchable and weighted in `LossConfig`.
 
 * CE:  cross-entropy on real/fake, optional label smoothing.
-* KL:  consistency between two views of each image (`loss.kl_view`):
-       noise:   KL(p(x) || p(x + noise)): the prediction should not change under small
-                noise, so the model cannot lean on fragile pixel-exact cues. On residual
-                cues (SRM, the forensic statistics) the noise is the signal, and it fights them.
-       dropout: R-Drop (Liang et al., 2021): the same x twice, under two dropout / drop-path
-                draws; the symmetric KL between them, and the CE of both. The input is left
-                as it is, so the residual cues are too; what is regularised is the network's
-                reliance on any one unit.
+* KL:  consistency KL(p(x) || p(x + noise)): the prediction should not change under small
+       noise, so the model cannot lean on fragile pixel-exact cues. On residual cues (SRM,
+       the forensic statistics) the noise is the signal, and it fights them.
 * NCE: supervised contrastive InfoNCE (Khosla et al., 2020) on L2-normalised projections;
        every other sample with the same label is a positive.
 And, for an expert with a boundary head (`expert.<name>.boundary_loss`, weighted there):
@@ -28,21 +23,6 @@ def kl_consistency(clean_logits: torch.Tensor, noisy_logits: torch.Tensor) -> to
     target = clean_logits.detach().float().log_softmax(dim=1)
     return F.kl_div(noisy_logits.float().log_softmax(dim=1), target, log_target=True,
                     reduction="batchmean")
-
-
-def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
-    """(KL(p_a || p_b) + KL(p_b || p_a)) / 2, batch mean, with gradient through both: two
-    dropout draws of one network are equals, neither is the target (R-Drop)."""
-    a, b = logits_a.float().log_softmax(dim=1), logits_b.float().log_softmax(dim=1)
-    return 0.5 * (F.kl_div(b, a, log_target=True, reduction="batchmean")
-                  + F.kl_div(a, b, log_target=True, reduction="batchmean"))
-
-
-def has_dropout(model: torch.nn.Module) -> bool:
-    """Whether two training-mode passes of `model` can differ: a dropout with p > 0, or a
-    drop-path / drop-block (timm's modules keep their rate in `drop_prob`)."""
-    return any((isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
-               or float(getattr(m, "drop_prob", 0) or 0) > 0 for m in model.modules())
 
 
 def supervised_nce(z: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -65,19 +45,15 @@ def supervised_nce(z: torch.Tensor, y: torch.Tensor, temperature: float) -> torc
 
 def classification_losses(logits, y, cfg: LossConfig, second_logits=None, projected=None):
     """Weighted sum of the enabled losses, and each term's value for the logs. `second_logits`
-    are those of the KL term's second view (`cfg.kl_view`): of x + noise, or of x under a
-    second dropout draw, which is a training pass of its own and so gets its CE too."""
+    are those of the KL term's second view, x + noise."""
     logs: dict[str, float] = {}
     total = logits.new_zeros((), dtype=torch.float32)
-    two_draws = cfg.kl_view == "dropout" and second_logits is not None
     if cfg.ce > 0:
         ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        if two_draws:
-            ce = 0.5 * (ce + F.cross_entropy(second_logits.float(), y, label_smoothing=cfg.label_smoothing))
         total = total + cfg.ce * ce
         logs["ce"] = ce.item()
     if cfg.kl > 0 and second_logits is not None:
-        kl = symmetric_kl(logits, second_logits) if two_draws else kl_consistency(logits, second_logits)
+        kl = kl_consistency(logits, second_logits)
         total = total + cfg.kl * kl
         logs["kl"] = kl.item()
     if cfg.nce > 0 and projected is not None:

@@ -6,9 +6,8 @@ weights of the best-validated epoch. The mean of the weights a decaying learning
 lies in a flatter region than any one of them, and no epoch is picked on a validation set of
 the training methods, which favours what memorises them. The averaged weights never ran
 forward, so BatchNorm's statistics are measured again for them on the training crops.
-With `expert.<name>.swa_lr: r` the cosine schedule reaches r times the learning rate where
-the averaged epochs begin and holds it through them, as Izmailov et al. do, so that they
-visit more different weights than a rate decaying to 0 lets them (`warmup_cosine`).
+The learning rate follows the same warm-up and cosine to 0 at the last epoch with or
+without SWA (`warmup_cosine`).
 """
 from __future__ import annotations
 
@@ -19,13 +18,13 @@ import torch
 from common.errors import UsageError
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.0):
-    """Linear warm-up, then a cosine from 1 down to `floor` at `total_steps`, held after."""
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """Linear warm-up, then a cosine from 1 down to 0 at `total_steps`, held after."""
     def factor(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
 
 

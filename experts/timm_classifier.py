@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 
 import torch.nn as nn
-import torch.nn.functional as F
 
 from common.errors import ConfigError
 from common.inputs import IMAGENET_MEAN, IMAGENET_STD
@@ -36,8 +35,8 @@ from experts.base import (
 )
 from experts.losses import boundary_loss
 
-TIMM_FIELDS = frozenset({"model", "model_args", "pretrained", "pretrained_file", "input_filter", "space_to_depth",
-                         "head_layers", "embed_dim", "drop_rate", "boundary_loss", "trainable"})
+TIMM_FIELDS = frozenset({"model", "model_args", "pretrained", "pretrained_file", "input_filter", "head_layers",
+                         "embed_dim", "drop_rate", "boundary_loss", "trainable"})
 # What the optimizer updates (`trainable`): everything; the normalisation layers' affine
 # parameters and the head (the CNN form of the CLIP recipe's LayerNorm + head: the pretrained
 # features re-centred, not rewritten); or the head alone on frozen features (a linear probe,
@@ -59,11 +58,7 @@ class TimmClassifier(FeatureClassifier):
     config_fields = TIMM_FIELDS
 
     def __init__(self, cfg: ExpertConfig, image_size: int, **backbone_kwargs):
-        block = cfg.space_to_depth
-        if block < 1 or image_size % block:
-            raise ConfigError(f"space_to_depth must be a positive divisor of the image size {image_size}, got {block}")
-        in_chans = check_input_filter(cfg) * block * block
-        backbone = create_backbone(cfg, drop_rate=cfg.drop_rate, in_chans=in_chans, **backbone_kwargs)
+        backbone = create_backbone(cfg, drop_rate=cfg.drop_rate, in_chans=check_input_filter(cfg), **backbone_kwargs)
         data_cfg = backbone.pretrained_cfg or {}
         super().__init__(cfg, image_size, data_cfg.get("mean", IMAGENET_MEAN), data_cfg.get("std", IMAGENET_STD))
         self.residuals = NoiseResiduals() if cfg.input_filter == "srm" else None
@@ -107,14 +102,6 @@ class TimmClassifier(FeatureClassifier):
     @property
     def learns_boundaries(self) -> bool:
         return self.boundary_stage >= 0
-
-    def network_input(self, x):
-        # Space-to-depth (pixel unshuffle), not resizing: resizing low-passes away the
-        # high-frequency traces a face swap leaves, and the SRM residuals are taken before it,
-        # on native pixels. The backbone then costs what it costs at 1/s the input size,
-        # except for its first convolution.
-        inputs = super().network_input(x)
-        return F.pixel_unshuffle(inputs, self.cfg.space_to_depth) if self.cfg.space_to_depth > 1 else inputs
 
     def features(self, x):
         return self.backbone(self.network_input(x))

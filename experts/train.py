@@ -43,7 +43,7 @@ from common.inputs import to_unit_float
 from common.metrics import safe_auc
 from common.runtime import Runtime, mixed_precision, sample_seed, seed_everything, setup_runtime
 from configs import Config, augment_of, config_from, loss_of, online_fakes_of, seed_of, to_dict
-from data_prep.dataset import Sample, load_splits, read_extra_reals, summarize
+from data_prep.dataset import Sample, load_splits, summarize
 from data_prep.faces import FaceCropCache
 from data_prep.folds import fold_samples, read_folds
 from data_prep.loaders import EpochSampler, FaceCropDataset, cache_face_crops, make_loader
@@ -146,7 +146,7 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
     online_fakes = 0.0 if reals_only else online_fakes_of(cfg, ecfg)
     if ecfg.train_on == "reals" and online_fakes == 0:  # data.online_fakes 0, inherited
         raise ConfigError(f"expert.{name}.train_on: reals needs editing fakes to learn from (online_fakes > 0)")
-    train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True, patch_size=ecfg.patch_size,
+    train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True,
                                 online_fakes=online_fakes, fake_ops=ecfg.online_fake_ops,
                                 boundaries=expert.learns_boundaries, augment=augment_of(cfg, ecfg, name), seed=seed,
                                 region=ecfg.region)
@@ -176,17 +176,16 @@ def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: st
 
     optimizer = torch.optim.AdamW(params, lr=ecfg.lr or cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = max(1, len(train_loader) // cfg.train.grad_accum)
-    averaged = swa_epochs(ecfg.swa_fraction, epochs)  # swa_lr: the rate held through these (experts/swa.py)
-    annealed = epochs - averaged if ecfg.swa_lr > 0 else epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        annealed * steps_per_epoch, round(cfg.train.warmup_epochs * steps_per_epoch), floor=ecfg.swa_lr))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(  # to 0 at the last epoch, SWA or not
+        epochs * steps_per_epoch, round(cfg.train.warmup_epochs * steps_per_epoch)))
     from torch_ema import ExponentialMovingAverage
     ema = ExponentialMovingAverage(params, decay=cfg.train.ema_decay)
     amp_dtype, use_scaler = mixed_precision(cfg.train.amp, rt.device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     return ExpertRun(name, export_name, cfg, size, epochs, Path(cfg.run_dir) / export_name, show, crops,
                      expert, step_module, train_samples, train_set, sampler, train_loader, val_loader,
-                     params, optimizer, scheduler, ema, scaler, amp_dtype, averaged, ecfg.validate_every)
+                     params, optimizer, scheduler, ema, scaler, amp_dtype, swa_epochs(ecfg.swa_fraction, epochs),
+                     ecfg.validate_every)
 
 
 def resume_run(run: ExpertRun, rt: Runtime) -> None:
@@ -362,7 +361,8 @@ def main(argv=None) -> int:
 def train_experts(cfg: Config) -> None:
     """Train every expert of `cfg.experts` (with data.folds_csv: on fold data.fold's split)."""
     # Every expert's settings before any is trained: a bad key must not surface hours in.
-    kinds = [check_expert_config(cfg.expert_config(name), name) for name in cfg.experts]
+    for name in cfg.experts:
+        check_expert_config(cfg.expert_config(name), name)
     rt = setup_runtime(cfg.device, cfg.threads)
     splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods,
                          allow_real_only=any(online_fakes_of(cfg, cfg.expert_config(n)) > 0 for n in cfg.experts))
@@ -373,9 +373,7 @@ def train_experts(cfg: Config) -> None:
         splits["trainset"], splits["valset"] = fold_samples([s for s in pool if s.name not in held_out],
                                                             cfg.data.folds_csv, cfg.data.fold)
         suffix = f"_fold{cfg.data.fold}"
-    if cfg.data.extra_reals and any(kind.trains_on_real_only for kind in kinds):
-        splits["extra_reals"] = [s for folder in cfg.data.extra_reals for s in read_extra_reals(folder)]
-    cached = [split for split in ("trainset", "valset", "extra_reals") if split in splits]
+    cached = ["trainset", "valset"]
     crops = FaceCropCache(cfg.face, cfg.data.cache_dir)
     for split in cached:
         if rt.is_main:

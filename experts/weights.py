@@ -24,7 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from common.errors import UserError
 from common.files import write_files_atomically
-from configs import ExpertConfig, FaceConfig
+from configs import ExpertConfig, FaceConfig, without_removed
 from experts.base import Expert, create_expert
 from experts.pretrained import weights_source
 
@@ -160,7 +160,9 @@ def load_expert(weights_dir, name: str, device="cpu") -> tuple[Expert, dict]:
         raise WeightsError(f"{weights_dir / MANIFEST}: no expert {name!r}; "
                            f"available: {sorted(manifest.get('experts', {}))}")
     path = verified_file(weights_dir, entry, f"expert {name!r}")
-    ecfg = ExpertConfig(**entry["expert_config"])
+    # An entry written before an option was removed holds it at its old default, dropped here;
+    # at another value it is an error: that expert can no longer be built.
+    ecfg = ExpertConfig(**without_removed(entry["expert_config"], f"expert.{name}.", str(weights_dir / MANIFEST)))
     # The architecture only: never fetch pretrained weights to then overwrite them.
     ecfg = dataclasses.replace(ecfg, pretrained="", pretrained_file="")
     model = create_expert(ecfg, entry["input_size"])

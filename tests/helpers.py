@@ -14,7 +14,7 @@ TINY_MODELS = {
     "dae": "test_resnet",
     "resnet": "test_resnet",
 }
-SIZED_EXPERTS = ("mesonet", "forensic", "cooccurrence")  # not timm models: their profile input size is reduced instead
+SIZED_EXPERTS = ("mesonet", "forensic")  # not timm models: their profile input size is reduced instead
 # timm's tiny test models (what timm's own tests build), by the family of a profile's backbone
 TINY_TIMM_FAMILIES = {"convnext": "test_convnext", "tf_efficientnet": "test_efficientnet",
                       "efficientnet": "test_efficientnet", "resnet": "test_resnet", "vit": "test_vit"}

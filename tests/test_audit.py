@@ -191,16 +191,6 @@ def test_fit_accepts_a_shared_name_and_refuses_a_renamed_copy(demo_root, tmp_pat
     assert err.count("\n") == 1 and err.startswith("error: ") and "renamed_copy.png" in err
 
 
-def test_fit_refuses_a_valset_image_the_dae_trained_on_as_an_extra_real(demo_root, tmp_path, untrained_weights):
-    extra = tmp_path / "more_reals"
-    extra.mkdir()
-    val_name = sorted(p.name for p in (demo_root / "valset").iterdir())[0]
-    shutil.copyfile(demo_root / "valset" / val_name, extra / "borrowed.png")
-    cfg = load_config("cpu", untrained_weights + [f"data_root={demo_root}", f"data.extra_reals=[{extra}]"])
-    with pytest.raises(LeakageError, match=f"{val_name} = .*borrowed.png"):
-        ensemble_fit.fit_ensemble(cfg)
-
-
 def test_fit_with_a_single_fake_left_in_valset_is_one_line(demo_root, tmp_path, untrained_weights, capsys):
     root = tmp_path / "data"
     shutil.copytree(demo_root, root)

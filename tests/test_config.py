@@ -244,3 +244,99 @@ def test_defaults_are_not_shared_between_configs():
     assert b.train.tta == [] and a.train.tta == ["hflip"]
     a.expert["convnext"].lr = 9.0
     assert load_config("cpu").expert["convnext"].lr == 0.0
+
+
+# ---------------------------------------------------------------- options that were removed
+
+REMOVED_MESSAGE = "was removed (measured and not kept: RESULTS.md)"
+
+
+@pytest.mark.parametrize("override,named", [
+    ("expert.resnet.space_to_depth=2", "expert.resnet.space_to_depth"),
+    ("expert.resnet.patch_size=32", "expert.resnet.patch_size"),
+    ("expert.resnet.swa_lr=0.25", "expert.resnet.swa_lr"),
+    ("expert.mouth.swa_lr=0", "expert.mouth.swa_lr"),                  # even at its old default
+    ("loss.kl_view=dropout", "loss.kl_view"),
+    ("expert.forensic.loss.kl_view=noise", "expert.forensic.loss.kl_view"),
+    ("expert.forensic.loss={kl: 1, kl_view: dropout}", "expert.forensic.loss.kl_view"),
+    ("data.extra_reals=[more_reals]", "data.extra_reals"),
+    ("ensemble.meta_features=[dae_terms]", "ensemble.meta_features"),
+    ("expert.new.kind=cooccurrence", "expert.new.kind: the expert kind 'cooccurrence'"),
+    ("data.online_fake_ops=[splice,upsample_artefacts]", "data.online_fake_ops: the editing op 'upsample_artefacts'"),
+    ("expert.forensic.online_fake_ops=upsample_artefacts", "expert.forensic.online_fake_ops: the editing op"),
+])
+def test_a_removed_option_is_a_one_line_error_saying_so(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config("cpu", [override])
+    assert str(err.value).startswith(named) and str(err.value).endswith(REMOVED_MESSAGE)
+    assert "\n" not in str(err.value)
+
+
+def test_a_removed_option_in_a_profile_or_for_every_expert_is_named(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("experts: [resnet]\nexpert:\n  resnet:\n    kind: resnet\n    swa_fraction: 0.35\n"
+                    "    swa_lr: 0.25\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(err.value) == f"expert.resnet.swa_lr {REMOVED_MESSAGE}"
+    with pytest.raises(ConfigError, match=r"^expert\.\w+\.space_to_depth was removed"):
+        load_config("cpu", ["expert.*.space_to_depth=2"])
+
+
+def test_a_command_line_naming_a_removed_option_ends_in_one_line(tmp_path, capsys):
+    from experts import train as experts_train
+    assert experts_train.main([str(tmp_path), "expert.resnet.space_to_depth=2"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: expert.resnet.space_to_depth {REMOVED_MESSAGE}\n"
+
+
+def test_the_registries_name_a_removed_kind_or_op():
+    from experts import expert_class
+    with pytest.raises(KeyError, match="the expert kind 'cooccurrence' was removed"):
+        expert_class("cooccurrence")
+    with pytest.raises(KeyError, match="unknown expert kind 'cooccurence'"):  # a typo stays unknown
+        expert_class("cooccurence")
+
+
+def test_a_recorded_config_loads_with_removed_options_at_their_old_default():
+    """A manifest written before the removal records every option, the removed ones at the
+    default that did nothing: it loads as the config it was. At another value: an error."""
+    cfg = load_config("cpu", ["train.epochs=3"])
+    old = to_dict(cfg)
+    old["data"]["extra_reals"] = []
+    old["loss"]["kl_view"] = "noise"
+    old["ensemble"]["meta_features"] = []
+    for ecfg in old["expert"].values():
+        ecfg.update(patch_size=0, space_to_depth=1, swa_lr=0.0)
+    old["expert"]["forensic"]["loss"] = {"kl_view": "noise"}
+    old["expert"]["cooccurrence"] = {**old["expert"]["forensic"], "kind": "cooccurrence"}  # defined, never built
+    again = from_dict(old)
+    assert again.expert.pop("cooccurrence").kind == "cooccurrence"
+    assert again == cfg
+    old["expert"]["resnet"]["space_to_depth"] = 2
+    with pytest.raises(ConfigError, match=r"^expert\.resnet\.space_to_depth was removed"):
+        from_dict(old)
+
+
+def test_a_saved_expert_entry_loads_with_removed_options_at_their_old_default(tmp_path):
+    import json
+
+    import torch
+
+    from configs import FaceConfig
+    from experts import create_expert
+    from experts.weights import MANIFEST, load_expert, save_expert
+
+    torch.manual_seed(0)
+    expert = create_expert(ExpertConfig(kind="resnet", model="test_resnet"), 32)
+    save_expert(expert, tmp_path, "resnet", FaceConfig(), {})
+    path = tmp_path / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["experts"]["resnet"]["expert_config"].update(patch_size=0, space_to_depth=1, swa_lr=0.0)
+    path.write_text(json.dumps(manifest))
+    loaded, _ = load_expert(tmp_path, "resnet")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expert.state_dict().items())
+    manifest["experts"]["resnet"]["expert_config"]["space_to_depth"] = 2
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=rf"{MANIFEST}: expert\.resnet\.space_to_depth was removed"):
+        load_expert(tmp_path, "resnet")

@@ -1,7 +1,7 @@
 """ONNX export and the onnxruntime backend: the experts the cpu profile runs or defines (forensic, mesonet, resnet
 on SRM residuals, dae), trained for an epoch, exported, scored by `infer.py --backend onnx`
-as by torch, the stacker's meta-features (the DAE's error terms) included; a changed file is
-refused; an expert that cannot be exported is left out."""
+as by torch, the stacker's TTA spreads included; a changed file is refused; an expert that
+cannot be exported is left out."""
 import csv
 import json
 import math
@@ -25,12 +25,11 @@ CPU_EXPERTS = ["forensic", "mesonet", "resnet", "dae"]
 @pytest.fixture(scope="module")
 def trained(demo_root, tmp_path_factory):
     """The four cpu experts (tiny sizes) after one epoch, and a logistic-regression stacker
-    over them with two TTA views and the DAE's error terms, so that every part of the
-    scoring path is exercised."""
+    over them with two TTA views, so that every part of the scoring path is exercised."""
     tmp = tmp_path_factory.mktemp("onnx")
     overrides = tiny_overrides(tmp, epochs=1, experts=",".join(CPU_EXPERTS)) + [
         "expert.resnet.image_size=64", "expert.forensic.epochs=1", "expert.mesonet.epochs=1", "ensemble.method=logreg",
-        "ensemble.editing_fakes=0", "train.tta=[hflip,scale]", "ensemble.meta_features=[dae_terms]"]
+        "ensemble.editing_fakes=0", "train.tta=[hflip,scale]"]
     assert experts_train.main([str(demo_root)] + overrides) == 0
     assert ensemble_fit.main([str(demo_root)] + overrides) == 0
     return tmp / "weights"
@@ -80,19 +79,18 @@ def test_manifest_records_files_sources_and_settings(trained, exported):
         assert entry["source_sha256"] == weights_manifest["experts"][name]["sha256"]
         assert entry["input_size"] == weights_manifest["experts"][name]["input_size"] == 64
         assert entry["max_difference_from_torch"] <= export_onnx.TOLERANCE
-        assert entry["outputs"] == ["p_fake"] + (["error_ratios"] if name == "dae" else [])
+        assert entry["outputs"] == ["p_fake"]
     stacker = weights_manifest["ensemble"]["stacker"]
     assert manifest["ensemble"] == {"file": "ensemble.json", "sha256": stacker["sha256"], "experts": CPU_EXPERTS,
-                                    "tta": ["hflip", "scale"], "meta_features": ["dae_terms"]}
+                                    "tta": ["hflip", "scale"]}
     assert sha256_file(exported / "ensemble.json") == stacker["sha256"]
     assert manifest["face"] == weights_manifest["experts"]["forensic"]["face"]
     assert "not_exported" not in manifest
 
 
 def test_onnx_backend_scores_like_torch(trained, exported, demo_root):
-    """Every expert's TTA-averaged P(fake) and spread, the DAE's error terms, and the
-    stacker's output, per image (onnxruntime computes in float32: torch too, whatever `auto`
-    chooses on this machine)."""
+    """Every expert's TTA-averaged P(fake) and spread, and the stacker's output, per image
+    (onnxruntime computes in float32: torch too, whatever `auto` chooses on this machine)."""
     from ensemble.onnx_backend import OnnxExpert, onnx_detector
     from ensemble.predictor import EnsembleDetector, score_samples
 
@@ -101,7 +99,7 @@ def test_onnx_backend_scores_like_torch(trained, exported, demo_root):
     assert all(isinstance(e, OnnxExpert) for e in with_onnx.experts.values())
     assert with_onnx.stacker is not None and with_onnx.tta == with_torch.tta == ["hflip", "scale"]
     assert with_onnx.feature_names() == with_torch.feature_names()
-    assert with_torch.feature_names()[-3:] == ["dae_global_error", "dae_patch_error", "dae_feature_error"]
+    assert with_torch.feature_names()[-1] == "dae_tta_spread"
     paths = images_of(demo_root)
     p_torch, f_torch, errors_torch = score_samples(with_torch, paths, batch_size=16)
     p_onnx, f_onnx, errors_onnx = score_samples(with_onnx, paths, batch_size=16)

@@ -1,6 +1,7 @@
 """k-fold stacking (ensemble.oof): fold experts trained through the one trainer, every image of
 trainset+valset scored once by experts that never trained on it, and a fit that refuses
-otherwise; the folds themselves; the DAE's error terms as stacker inputs."""
+otherwise; the folds themselves."""
+import copy
 import csv
 import json
 import shutil
@@ -20,7 +21,7 @@ from ensemble.predictor import EnsembleDetector, score_samples
 from ensemble.stacking import LeakageError, StackingEnsemble
 from experts import create_expert
 from experts.train import HELD_OUT_FOLD
-from experts.weights import MANIFEST, WeightsError, save_expert
+from experts.weights import MANIFEST, save_expert
 from helpers import tiny_overrides
 
 EXPERTS = ["convnext", "dae"]
@@ -29,13 +30,12 @@ EXPERTS = ["convnext", "dae"]
 @pytest.fixture(scope="module")
 def oof_run(demo_root, tmp_path_factory, crop_cache):
     """`ensemble.fit` with 2 folds: convnext and dae trained once per fold (one epoch), the
-    stacker fitted on their out-of-fold scores with the DAE's error terms. The experts it then
-    combines, trained on all the data in a real run, are saved untrained here: the fit only
-    reads their names and feature columns."""
+    stacker fitted on their out-of-fold scores. The experts it then combines, trained on all
+    the data in a real run, are saved untrained here: the fit only reads their names and
+    feature columns."""
     tmp = tmp_path_factory.mktemp("oof")
     overrides = tiny_overrides(tmp, epochs=1, experts=",".join(EXPERTS), cache_dir=crop_cache) + [
-        "ensemble.oof_folds=2", "ensemble.meta_features=[dae_terms]", "ensemble.editing_fakes=0",
-        "ensemble.method=logreg"]
+        "ensemble.oof_folds=2", "ensemble.editing_fakes=0", "ensemble.method=logreg"]
     cfg = load_config("cpu", overrides + [f"data_root={demo_root}"])
     for name in EXPERTS:
         save_expert(create_expert(cfg.expert_config(name), 64), cfg.out, name, cfg.face, {})
@@ -82,7 +82,7 @@ def test_each_image_is_scored_once_by_experts_that_never_trained_on_it(oof_run):
         assert len(r.trained) == len(oof_run["pool"]) - len(r.samples)  # all the other images
     # One row per image, fold by fold, each holding the scores of that fold's own experts.
     X, y = oof_run["X"], oof_run["y"]
-    assert X.shape == (len(pool), 5) and y.tolist() == [s.target for r in rows for s in r.samples]
+    assert X.shape == (len(pool), 2) and y.tolist() == [s.target for r in rows for s in r.samples]
     convnext_fold0 = EnsembleDetector.from_weights(rows[0].weights, ["convnext_fold0"], device="cpu")
     p_fold0 = score_samples(convnext_fold0, [s.path for s in rows[0].samples])[0]
     np.testing.assert_allclose(X[: len(rows[0].samples), 0], p_fold0, atol=1e-6)
@@ -111,18 +111,34 @@ def test_fit_refuses_an_image_scored_by_experts_that_trained_on_it(oof_run, tmp_
     assert err.count("\n") == 1 and "1 fold-1 image(s) are copies of images the experts scoring them" in err
 
 
-def test_the_dae_error_terms_are_stacker_inputs_without_a_monotone_constraint(oof_run, demo_root):
-    weights = oof_run["tmp"] / "weights"
-    state = json.loads((weights / "ensemble.json").read_text())
-    names = ["convnext", "dae", "dae_global_error", "dae_patch_error", "dae_feature_error"]
-    assert state["params"]["feature_names"] == names
-    assert state["params"]["monotone"] == [1, 1, 0, 0, 0] and state["params"]["n_scores"] == 2
-    detector = EnsembleDetector.from_weights(weights, device="cpu")  # the settings it was fitted with
-    assert detector.meta_features == ["dae_terms"] and detector.feature_names() == names
-    p, features, errors = score_samples(detector, sorted((demo_root / "testset").iterdir()))
-    assert not errors and ((0 < features) & (features < 1)).all() and ((0 <= p) & (p <= 1)).all()
-    with pytest.raises(WeightsError, match="the stacker was fitted on the columns"):
-        EnsembleDetector.from_weights(weights, device="cpu", meta_features=[])
+def test_manifests_written_before_options_were_removed(oof_run, tmp_path):
+    """A manifest written before `ensemble.meta_features` and `data.extra_reals` were removed
+    holds them empty: the stacker and the fold experts load as before. A stacker fitted on
+    the DAE's error terms, fold experts trained on extra reals: a one-line error each."""
+    runs, weights = tmp_path / "runs", tmp_path / "weights"
+    shutil.copytree(oof_run["tmp"] / "runs" / "oof", runs / "oof")
+    shutil.copytree(oof_run["tmp"] / "weights", weights)
+
+    def rewrite(path, edit):
+        manifest = json.loads(path.read_text())
+        edit(manifest)
+        path.write_text(json.dumps(manifest))
+
+    rewrite(weights / MANIFEST, lambda m: m["ensemble"]["stacker"].update(meta_features=[]))
+    assert EnsembleDetector.from_weights(weights, device="cpu").stacker is not None
+    fold0 = runs / "oof" / "fold0" / "weights" / MANIFEST
+    rewrite(fold0, lambda m: m["config"]["data"].update(extra_reals=[]))
+    cfg = copy.deepcopy(oof_run["cfg"])
+    cfg.run_dir = str(runs)
+    pool = oof_run["pool"]
+    assert len(oof.out_of_fold_rows(cfg, pool, {s.name: oof.content_id(s.path) for s in pool})) == 2
+
+    rewrite(weights / MANIFEST, lambda m: m["ensemble"]["stacker"].update(meta_features=["dae_terms"]))
+    with pytest.raises(ConfigError, match=r"manifest\.json: ensemble\.meta_features was removed \(measured and not"):
+        EnsembleDetector.from_weights(weights, device="cpu")
+    rewrite(fold0, lambda m: m["config"]["data"].update(extra_reals=[str(tmp_path)]))
+    with pytest.raises(ConfigError, match=r"fold0.weights.manifest\.json: data\.extra_reals was removed"):
+        oof.out_of_fold_rows(cfg, pool, {s.name: oof.content_id(s.path) for s in pool})
 
 
 # ---------------------------------------------------------------- the folds (no training)

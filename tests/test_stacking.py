@@ -273,10 +273,10 @@ def test_monotone_survives_json_and_checks_its_length():
         StackingEnsemble(method="logreg", monotone=[1]).fit(X, y)
 
 
-# -- score columns and other meta-features ----------------------------------------------
+# -- score columns and the other columns ------------------------------------------------
 
 def test_plain_and_rank_means_average_only_the_score_columns(train_test):
-    """With n_scores, a TTA spread or DAE error term after the scores is an input of the learned
+    """With n_scores, a TTA spread after the scores is an input of the learned
     combiners only: the plain and rank means stay means of the expert scores."""
     X_train, y_train, X_test, _ = train_test
     mean = StackingEnsemble(method="mean", n_scores=2, calibrate=False).fit(X_train, y_train)
