@@ -28,6 +28,7 @@ from bench.speed import ContentionMonitor
 from common.cli import CommandLine, entry_point
 from common.errors import UsageError
 from configs import config_from
+from configs.settings import expert_settings
 from experts import create_expert
 from experts.export_onnx import INPUT_NAME, import_optional, onnx_bytes
 
@@ -102,9 +103,10 @@ def main(argv=None) -> int:
     import_optional("onnx")  # torch's exporter needs it
     experts = {}
     for name in cfg.experts:
-        ecfg = dataclasses.replace(cfg.expert_config(name), pretrained=False, pretrained_file="")  # random weights
+        settings = expert_settings(cfg, name)
+        ecfg = dataclasses.replace(settings.expert, pretrained=False, pretrained_file="")  # random weights
         torch.manual_seed(0)
-        expert = create_expert(ecfg, ecfg.image_size or cfg.data.image_size).eval()
+        expert = create_expert(ecfg, settings.data.image_size).eval()
         experts[name] = (expert, onnx_bytes(expert))
     with ContentionMonitor() as monitor:
         rows = [row for threads in thread_counts for row in measure(experts, args.batch, threads, args.repeats)]

@@ -7,6 +7,8 @@ Unknown keys are errors (a typo must not be silently ignored); so is a removed o
 the message that it was removed (configs/removed.py). The YAML files in this folder are
 named after their profile; `default` values live in the dataclasses below.
 `expert.*.KEY=VALUE` sets KEY on every expert defined so far (`expert.*.pretrained=false`).
+An expert's effective settings, its own values over the global ones, are resolved once by
+`configs.settings.expert_settings`.
 
 On the command line, every command that reads the config takes the same arguments
 (`common.cli.CommandLine`): `--profile NAME` or `profile=NAME`, and `key=value` overrides;
@@ -17,6 +19,7 @@ On the command line, every command that reads the config takes the same argument
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +132,8 @@ class TemporalConfig:
 @dataclass
 class ExpertConfig:
     """One expert = one registered kind + its settings. Each kind reads some of the fields
-    below (experts.base.check_expert_config): setting one it does not read is an error."""
+    below (experts.base.check_expert_config): setting one it does not read is an error. None, the
+    one "unset" marker, takes the global value (`configs.settings.expert_settings` resolves them)."""
     kind: str = "timm"             # a kind of experts.EXPERTS: timm, clip, dae, forensic, mesonet
                                    # (convnext, efficientnet and resnet: older names of timm)
     model: str = "convnext_atto"   # timm model name (timm, clip; dae: its frozen feature CNN)
@@ -140,21 +144,21 @@ class ExpertConfig:
     pretrained_file: str = ""      # ... or a local .safetensors / .pth file (wins over `pretrained`)
     model_args: dict[str, typing.Any] = field(default_factory=dict)  # more keyword arguments of timm.create_model
                                    # (timm, clip, dae), e.g. {drop_path_rate: 0.1, channels: [32, 64, 128, 256]}
-    image_size: int = 0            # 0 = data.image_size
+    image_size: int | None = None  # unset: data.image_size
     region: str = "face"           # the part of the face crop it sees: face (all) | mouth (data_prep/regions.py)
-    epochs: int = 0                # 0 = train.epochs
+    epochs: int | None = None      # unset: train.epochs
     swa_fraction: float = 0.0      # >0: export the mean of the raw weights of this last fraction of the epochs
                                    # (SWA, BatchNorm statistics measured again), not the best-validated EMA weights
-    online_fakes: float = -1.0     # share of its training reals made editing fakes on the fly; -1 = data.online_fakes
+    online_fakes: float | None = None  # share of its training reals made editing fakes on the fly; unset: data's
     train_on: str = "all"          # all: the trainset | reals: its reals only, the fakes it learns from are its
                                    # editing fakes of them (the self-blended-images recipe; needs online_fakes > 0)
-    online_fake_ops: list[str] = field(default_factory=list)  # its training fakes' editing ops; empty = data's
+    online_fake_ops: list[str] | None = None  # its training fakes' editing ops; unset: data's
     augment: dict[str, float] = field(default_factory=dict)   # its own `augment.*` values, e.g. {jpeg: 0.3}
     loss: dict[str, typing.Any] = field(default_factory=dict)  # its own `loss.*` values, e.g. {kl: 1.0}
     boundary_loss: float = 0.0     # >0: an auxiliary head learns where the editing fakes were blended (Face X-ray),
                                    # this weight beside the classification losses (timm kind)
-    lr: float = 0.0                # 0 = train.lr
-    seed: int = -1                 # -1 = the run's seed; its own: the same settings trained again under
+    lr: float | None = None        # unset: train.lr
+    seed: int | None = None        # unset: the run's seed; its own: the same settings trained again under
                                    # another seed, a second member of a seed ensemble
     validate_every: int = 1        # validate every n-th epoch and the last (the best EMA epoch is one of them)
     input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)
@@ -169,8 +173,17 @@ class ExpertConfig:
     grid: int = 4                  # forensic expert: statistics pooled on a grid x grid layout
 
     def __setattr__(self, name, value):
-        # `pretrained` was a bool: true and false (YAML, the command line, older manifests) still mean hub and none.
-        super().__setattr__(name, pretrained_name(value) if name == "pretrained" else value)
+        # `pretrained` was a bool: true and false (YAML, the command line, older manifests) still mean hub and none;
+        # the "unset" markers of older profiles and manifests (LEGACY_UNSET) are None.
+        if name == "pretrained":
+            value = pretrained_name(value)
+        elif name in LEGACY_UNSET and value == LEGACY_UNSET[name]:
+            value = None
+        super().__setattr__(name, value)
+
+
+# ExpertConfig fields -> what profiles and manifests written before None meant "unset" held for it
+LEGACY_UNSET = {"image_size": 0, "epochs": 0, "lr": 0, "seed": -1, "online_fakes": -1, "online_fake_ops": []}
 
 
 def pretrained_name(value) -> str:
@@ -213,6 +226,10 @@ def _cast(value, typ, key: str):
     if typ is typing.Any:  # a value passed through (model_args): as YAML reads it, '0.1' -> 0.1
         return yaml.safe_load(value) if isinstance(value, str) else value
     origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):  # X | None: null (YAML), "null" or "none" is None
+        if value is None or (isinstance(value, str) and value.strip().lower() in {"null", "none"}):
+            return None
+        return _cast(value, next(t for t in typing.get_args(typ) if t is not type(None)), key)
     if origin is list:
         (item_type,) = typing.get_args(typ)
         if isinstance(value, str):
@@ -323,34 +340,6 @@ def load_config(profile: str = DEFAULT_PROFILE, overrides: list[str] | None = No
     if missing:
         raise ConfigError(f"experts {missing} have no `expert.<name>` section; known: {sorted(cfg.expert)}")
     return cfg
-
-
-def augment_of(cfg: Config, expert: ExpertConfig, name: str = "") -> AugmentConfig:
-    """The augmentations an expert trains with: `augment.*`, then its own
-    `expert.<name>.augment` values (ConfigError naming the key for one that is not an
-    augmentation setting)."""
-    augment = dataclasses.replace(cfg.augment)
-    _merge(augment, expert.augment, f"expert.{name or '<name>'}.augment.")
-    return augment
-
-
-def loss_of(cfg: Config, expert: ExpertConfig, name: str = "") -> LossConfig:
-    """The losses an expert trains with: `loss.*`, then its own `expert.<name>.loss` values
-    (ConfigError naming the key for one that is not a loss setting)."""
-    loss = dataclasses.replace(cfg.loss)
-    _merge(loss, expert.loss, f"expert.{name or '<name>'}.loss.")
-    return loss
-
-
-def seed_of(cfg: Config, expert: ExpertConfig) -> int:
-    """The seed an expert trains under: its own `expert.<name>.seed`, else the run's `seed`."""
-    return cfg.seed if expert.seed < 0 else expert.seed
-
-
-def online_fakes_of(cfg: Config, expert: ExpertConfig) -> float:
-    """The share of an expert's training reals made editing fakes on the fly: its own
-    `expert.<name>.online_fakes`, else the run's `data.online_fakes`."""
-    return cfg.data.online_fakes if expert.online_fakes < 0 else expert.online_fakes
 
 
 def config_from(args, data_root: str | None = None) -> Config:

@@ -37,7 +37,7 @@ def check_removed_names(key: str, names, where: str = "", error: type[Exception]
     `key`, after `where` (the key's full path). The registries that hold these names
     (experts.base.expert_class, data_prep.manipulations.check_names) ask too."""
     what, removed = REMOVED_NAMES[key]
-    for name in [names] if isinstance(names, str) else names:
+    for name in [names] if isinstance(names, str) else names or ():  # None: an expert's unset ops
         if name in removed:
             raise error(f"{where + ': ' if where else ''}the {what} {name!r} {REMOVED}")
 

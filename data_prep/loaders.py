@@ -1,10 +1,11 @@
 """What the trainer feeds the experts: torch datasets, the epoch sampler and the loaders of face crops.
 
-    crops = FaceCropCache(cfg.face, cfg.data.cache_dir)
+    settings = expert_settings(cfg, "convnext")   # one expert's resolved settings (configs.settings)
+    crops = FaceCropCache(settings.face, settings.data.cache_dir)
     samples = cache_face_crops(samples, crops, num_workers=0, show=False)   # drops unreadable files
-    train_set = FaceCropDataset(samples, crops, 128, cfg, train=True)
-    sampler = EpochSampler([s.target for s in samples], balanced=True, seed=cfg.seed)
-    loader = make_loader(train_set, cfg, sampler)
+    train_set = FaceCropDataset(samples, crops, settings, train=True)
+    sampler = EpochSampler([s.target for s in samples], balanced=True, seed=settings.seed)
+    loader = make_loader(train_set, settings, sampler)
 
 Determinism: every random choice about sample i of epoch e (sample order, augmentations,
 online editing fakes) is drawn from its own stream seeded from (seed, e, i), so a
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from common.runtime import sample_seed
-from configs import AugmentConfig, Config
+from configs.settings import ExpertSettings
 from data_prep.dataset import Sample
 from data_prep.faces import FaceCropCache
 from data_prep.images import ImageDecodeError
@@ -70,40 +71,35 @@ class _CropProbe(Dataset):
 
 
 class FaceCropDataset(Dataset):
-    """(uint8 tensor 3 x S x S, label). Training: augmentations and, with probability
-    `online_fakes` (cfg.data.online_fakes unless given), a real turned into an editing fake
-    (label 1) on the fly; `online_fakes=0.0` for an expert that must never see a fake.
+    """(uint8 tensor 3 x S x S, label) for one expert, as its `settings` say: S is its
+    image_size, the crop cut to its `region` (data_prep/regions.py), the random draws seeded
+    from its seed. Training: its augmentations and, with probability data.online_fakes, a
+    real turned into an editing fake (label 1) of its online_fake_ops on the fly, made from
+    the whole crop before the region is cut.
     With `boundaries` (training only), also each image's blending boundary, 1 x S x S float:
     an editing fake's (`masks.blending_boundary`), 0 for a real, -1 (unknown) for a fake of
-    the data set, transformed with the image. `augment`: an expert's own augmentations
-    (configs.augment_of), else cfg.augment; `seed`: an expert's own (configs.seed_of), else cfg.seed.
-    `region`: the part of the face crop the expert sees (data_prep/regions.py), cut after the
-    editing fake is made from the whole crop and before the augmentations."""
+    the data set, transformed with the image."""
 
-    def __init__(self, samples, crops: FaceCropCache, size: int, cfg: Config, train: bool,
-                 paired_fakes: bool = False, online_fakes: float | None = None,
-                 fake_ops: list[str] | None = None, boundaries: bool = False,
-                 augment: AugmentConfig | None = None, seed: int | None = None, region: str = "face"):
-        self.samples, self.crops, self.size, self.train = samples, crops, size, train
+    def __init__(self, samples, crops: FaceCropCache, settings: ExpertSettings, train: bool,
+                 paired_fakes: bool = False, boundaries: bool = False):
+        self.samples, self.crops, self.size, self.train = samples, crops, settings.data.image_size, train
         self.boundaries = boundaries and train
         # paired_fakes (evaluation of a reals-only split): after the n samples come n editing
         # fakes, one made from each real with a fixed seed, so every epoch sees the same ones.
         self.paired = paired_fakes
-        self.seed, self.epoch = cfg.seed if seed is None else seed, 0
-        augment = augment or cfg.augment
-        self.augment = train_augmentations(augment, size) if train else None
-        self.cutout = augment.cutout if train else 0.0
-        self.online_fakes = (cfg.data.online_fakes if online_fakes is None else online_fakes) if train else 0.0
-        # The editing ops of the fakes: `fake_ops` (an expert's own), else data.online_fake_ops,
-        # else every default op; a wrong name fails here, not in the first batch.
-        self.fake_ops = fake_ops or cfg.data.online_fake_ops or None
+        self.seed, self.epoch = settings.seed, 0
+        self.augment = train_augmentations(settings.augment, self.size) if train else None
+        self.cutout = settings.augment.cutout if train else 0.0
+        self.online_fakes = settings.data.online_fakes if train else 0.0
+        # The editing ops of the fakes ([]: every default op); a wrong name fails here, not in the first batch.
+        self.fake_ops = settings.data.online_fake_ops or None
         if self.fake_ops:
             from data_prep.manipulations import check_names
             check_names(self.fake_ops)
-        self.fake_masks = cfg.data.fake_masks
+        self.fake_masks = settings.data.fake_masks
         self.real_indices = [i for i, s in enumerate(samples) if s.target == 0]
-        self.margin = cfg.face.margin
-        self.region = check_region(region)
+        self.margin = settings.face.margin
+        self.region = check_region(settings.expert.region)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -190,10 +186,10 @@ class EpochSampler(Sampler):
         return iter(order[self.rank::self.world][: len(self)].tolist())
 
 
-def make_loader(dataset, cfg: Config, sampler=None, batch_size=None, shuffle=False):
-    """A DataLoader with the config's batch size and workers; with a sampler (training) the
+def make_loader(dataset, settings: ExpertSettings, sampler=None, batch_size=None):
+    """A DataLoader with the expert's batch size and workers; with a sampler (training) the
     last, incomplete batch is dropped."""
-    return DataLoader(dataset, batch_size=batch_size or cfg.train.batch_size, sampler=sampler,
-                      shuffle=shuffle, num_workers=cfg.data.num_workers,
+    return DataLoader(dataset, batch_size=batch_size or settings.train.batch_size, sampler=sampler,
+                      num_workers=settings.data.num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=sampler is not None,
                       persistent_workers=False)

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from common.errors import ConfigError, UnknownNameError
 from common.inputs import IMAGENET_MEAN, IMAGENET_STD
-from configs import Config, ExpertConfig, LossConfig, augment_of, check_removed_names, loss_of
+from configs import Config, ExpertConfig, LossConfig, check_removed_names
+from configs.settings import expert_settings
 from data_prep.regions import check_region
 from experts.losses import classification_losses
 from experts.pretrained import (  # noqa: F401  (PretrainedWeightsError: re-exported)
@@ -91,20 +92,20 @@ def check_expert_config(cfg: ExpertConfig, name: str | None = None) -> type["Exp
                           "(0 = off, up to 1)")
     if cfg.validate_every < 1:
         raise ConfigError(f"{prefix}validate_every: {cfg.validate_every} must be 1 (every epoch) or more")
-    if cfg.seed < -1:
-        raise ConfigError(f"{prefix}seed: {cfg.seed} is negative (-1 = the run's seed)")
+    if cfg.seed is not None and cfg.seed < 0:
+        raise ConfigError(f"{prefix}seed: {cfg.seed} is negative (unset: the run's seed)")
     check_region(cfg.region, f"{prefix}region")
-    if not (cfg.online_fakes == -1 or 0 <= cfg.online_fakes <= 1):
+    if cfg.online_fakes is not None and not 0 <= cfg.online_fakes <= 1:
         raise ConfigError(f"{prefix}online_fakes: {cfg.online_fakes} is not a share of the training reals "
-                          "(0 to 1; -1 = data.online_fakes)")
+                          "(0 to 1; unset: data.online_fakes)")
     if cfg.train_on not in TRAIN_ON:
         raise ConfigError(f"{prefix}train_on: {cfg.train_on!r} is not one of {list(TRAIN_ON)}")
     if cfg.train_on == "reals" and cfg.online_fakes == 0:
         raise ConfigError(f"{prefix}train_on: reals needs editing fakes to learn from (online_fakes > 0)")
     if cfg.boundary_loss < 0:
         raise ConfigError(f"{prefix}boundary_loss: {cfg.boundary_loss} is negative (0 = off)")
-    augment_of(Config(), cfg, name)  # its augment keys must name augmentation settings
-    loss_of(Config(), cfg, name)     # and its loss keys loss settings
+    # its augment keys must name augmentation settings, its loss keys loss settings
+    expert_settings(Config(expert={name or "<name>": cfg}), name or "<name>")
     defaults = ExpertConfig()
     for field in dataclasses.fields(ExpertConfig):
         if field.name in TRAINER_FIELDS or field.name in cls.config_fields:

@@ -1,7 +1,7 @@
 """The cluster re-split command: embed the train+val face crops, cluster them, write folds.
 
     python -m experts.cluster_split DATA_ROOT --out reports/folds [--k 5]
-                                    [--expert NAME [--weights DIR] | --backbone resnet18 [--pretrained]]
+                                    [--expert NAME [--weights DIR] | --backbone resnet18 [--pretrained [NAME]]]
                                     [--random | --unsupervised] [--image-size 128] [--batch-size 64]
                                     [--profile NAME | profile=NAME] [key=value ...]
 
@@ -64,7 +64,7 @@ TSNE_MAX_POINTS = 3000  # t-SNE is quadratic-ish; a seeded subsample shows the s
 # ================================================================ embedding
 
 def embed_with_backbone(samples: list[Sample], model_name: str, face_cfg: FaceConfig, cache_dir,
-                        image_size: int = 128, batch_size: int = 64, pretrained: bool = False,
+                        image_size: int = 128, batch_size: int = 64, pretrained: str = "",
                         device: str = "cpu",
                         embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, region: str = "face"
                         ) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +117,7 @@ def embed_with_backbone(samples: list[Sample], model_name: str, face_cfg: FaceCo
     return np.concatenate(features), np.asarray(kept, dtype=np.int64)
 
 
-def timm_embedder(model_name: str, pretrained: bool, device: torch.device) -> Callable:
+def timm_embedder(model_name: str, pretrained: str, device: torch.device) -> Callable:
     """A [0, 1] batch -> pooled timm features, normalised with the model's own mean/std."""
     if not timm.is_model(model_name):
         raise UnknownNameError(f"--backbone {model_name!r} is not a timm model name")
@@ -136,7 +136,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--k", type=int, default=5, help="number of clusters = folds")
     parser.add_argument("--backbone", default="resnet18", help="timm model that embeds the face crops")
-    parser.add_argument("--pretrained", action="store_true", help="hub weights for the backbone (needs network)")
+    parser.add_argument("--pretrained", nargs="?", const="hub", default="", metavar="NAME",
+                        help="the backbone's weights: hub (the default when given bare; needs network) or packaged "
+                             "weights that install offline (efficientnet_lite0 for --backbone tf_efficientnet_lite0)")
     parser.add_argument("--expert", help="embed with this trained expert (its face crop and input size) "
                                          "instead of --backbone")
     parser.add_argument("--weights", type=Path, default=Path("weights"), help="where --expert is")

@@ -42,7 +42,8 @@ from common.files import atomic_write
 from common.inputs import to_unit_float
 from common.metrics import safe_auc
 from common.runtime import Runtime, mixed_precision, sample_seed, seed_everything, setup_runtime
-from configs import Config, augment_of, config_from, loss_of, online_fakes_of, seed_of, to_dict
+from configs import Config, config_from, to_dict
+from configs.settings import ExpertSettings, expert_settings
 from data_prep.dataset import Sample, load_splits, summarize
 from data_prep.faces import FaceCropCache
 from data_prep.folds import fold_samples, read_folds
@@ -97,11 +98,8 @@ def predict(model, loader, device, channels_last=False, amp_dtype=None, show=Fal
 @dataclasses.dataclass
 class ExpertRun:
     """One expert's training: its settings, model, data and optimizer, and how far it got."""
-    name: str                  # the expert's name in the config
+    settings: ExpertSettings   # its resolved settings (configs.settings): name, seed, data, train, ...
     export_name: str           # its name in the weights folder and run_dir (<name>_fold<k> for a fold)
-    cfg: Config
-    size: int                  # input side
-    epochs: int
     run_dir: Path              # checkpoint.pt, metrics.json / .csv, val_scores.json
     show: bool                 # progress bars
     crops: FaceCropCache
@@ -119,78 +117,78 @@ class ExpertRun:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     swa_epochs: int = 0        # >0: export the mean of the raw weights of the last swa_epochs epochs (swa_fraction)
-    validate_every: int = 1    # validate every n-th epoch and the last
     start_epoch: int = 0
     history: list[dict] = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=lambda: {"auc": -1.0, "epoch": -1, "state": None})
     swa: dict = dataclasses.field(default_factory=lambda: {"state": None, "count": 0})  # running mean
 
     @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def epochs(self) -> int:
+        return self.settings.train.epochs
+
+    @property
     def checkpoint(self) -> Path:
         return self.run_dir / "checkpoint.pt"
 
 
-def build_run(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: str | None = None) -> ExpertRun:
-    """The expert `name` of the config, its loaders and its optimizer, before the first epoch."""
-    ecfg = cfg.expert_config(name)
-    size, epochs = ecfg.image_size or cfg.data.image_size, ecfg.epochs or cfg.train.epochs
-    export_name = export_name or name
+def build_run(settings: ExpertSettings, splits: dict, rt: Runtime, run_dir: Path, export_name: str) -> ExpertRun:
+    """The expert of `settings`, its loaders and its optimizer, before the first epoch."""
+    train = settings.train
     show = rt.is_main and (sys.stderr.isatty() or os.environ.get("FORCE_TQDM") == "1")
-    seed = seed_of(cfg, ecfg)
-    seed_everything(seed)  # before the expert is built: its initial weights are seeded too
+    seed_everything(settings.seed)  # before the expert is built: its initial weights are seeded too
 
-    crops = FaceCropCache(cfg.face, cfg.data.cache_dir)
-    expert = create_expert(ecfg, size).to(rt.device)
+    crops = FaceCropCache(settings.face, settings.data.cache_dir)
+    expert = create_expert(settings.expert, settings.data.image_size).to(rt.device)
     train_samples = expert.training_samples(splits)
     reals_only = expert.trains_on_real_only  # then: no editing fake, no class balance to draw
-    online_fakes = 0.0 if reals_only else online_fakes_of(cfg, ecfg)
-    if ecfg.train_on == "reals" and online_fakes == 0:  # data.online_fakes 0, inherited
-        raise ConfigError(f"expert.{name}.train_on: reals needs editing fakes to learn from (online_fakes > 0)")
-    train_set = FaceCropDataset(train_samples, crops, size, cfg, train=True,
-                                online_fakes=online_fakes, fake_ops=ecfg.online_fake_ops,
-                                boundaries=expert.learns_boundaries, augment=augment_of(cfg, ecfg, name), seed=seed,
-                                region=ecfg.region)
+    if reals_only:  # recorded so in the manifest
+        settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, online_fakes=0.0))
+    if settings.expert.train_on == "reals" and settings.data.online_fakes == 0:  # data.online_fakes 0, inherited
+        raise ConfigError(f"expert.{settings.name}.train_on: reals needs editing fakes to learn from "
+                          "(online_fakes > 0)")
+    train_set = FaceCropDataset(train_samples, crops, settings, train=True, boundaries=expert.learns_boundaries)
     # A reals-only valset (training on reals + editing fakes) is validated on its reals and
     # an editing fake of each: model selection never sees a fake of the data set.
     val_real_only = all(s.target == 0 for s in splits["valset"])
-    val_set = FaceCropDataset(splits["valset"], crops, size, cfg, train=False, paired_fakes=val_real_only,
-                              fake_ops=ecfg.online_fake_ops, seed=seed, region=ecfg.region)
-    sampler = EpochSampler([s.target for s in train_samples], cfg.train.balanced_sampling and not reals_only,
-                           seed, rt.rank, rt.world)
-    train_loader = make_loader(train_set, cfg, sampler)
-    val_loader = make_loader(val_set, cfg, batch_size=2 * cfg.train.batch_size)
+    val_set = FaceCropDataset(splits["valset"], crops, settings, train=False, paired_fakes=val_real_only)
+    sampler = EpochSampler([s.target for s in train_samples], train.balanced_sampling and not reals_only,
+                           settings.seed, rt.rank, rt.world)
+    train_loader = make_loader(train_set, settings, sampler)
+    val_loader = make_loader(val_set, settings, batch_size=2 * train.batch_size)
     if len(train_loader) == 0:
-        raise UsageError(f"{name}: {len(train_samples)} training images are fewer than one batch "
-                         f"({cfg.train.batch_size} x {rt.world} processes); lower train.batch_size")
+        raise UsageError(f"{settings.name}: {len(train_samples)} training images are fewer than one batch "
+                         f"({train.batch_size} x {rt.world} processes); lower train.batch_size")
 
-    if cfg.train.channels_last:
+    if train.channels_last:
         expert = expert.to(memory_format=torch.channels_last)
-    loss_cfg = loss_of(cfg, ecfg, name)  # loss.*, then expert.<name>.loss
-    params = expert.trainable_parameters(loss_cfg)  # freezes the rest: before DDP registers them
-    step_module: nn.Module = TrainStep(expert, loss_cfg)
+    params = expert.trainable_parameters(settings.loss)  # freezes the rest: before DDP registers them
+    step_module: nn.Module = TrainStep(expert, settings.loss)
     if rt.world > 1:
-        if cfg.train.sync_bn and rt.device.type == "cuda":
+        if train.sync_bn and rt.device.type == "cuda":
             step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
-    optimizer = torch.optim.AdamW(params, lr=ecfg.lr or cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    steps_per_epoch = max(1, len(train_loader) // cfg.train.grad_accum)
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    steps_per_epoch = max(1, len(train_loader) // train.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(  # to 0 at the last epoch, SWA or not
-        epochs * steps_per_epoch, round(cfg.train.warmup_epochs * steps_per_epoch)))
+        train.epochs * steps_per_epoch, round(train.warmup_epochs * steps_per_epoch)))
     from torch_ema import ExponentialMovingAverage
-    ema = ExponentialMovingAverage(params, decay=cfg.train.ema_decay)
-    amp_dtype, use_scaler = mixed_precision(cfg.train.amp, rt.device)
+    ema = ExponentialMovingAverage(params, decay=train.ema_decay)
+    amp_dtype, use_scaler = mixed_precision(train.amp, rt.device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    return ExpertRun(name, export_name, cfg, size, epochs, Path(cfg.run_dir) / export_name, show, crops,
-                     expert, step_module, train_samples, train_set, sampler, train_loader, val_loader,
-                     params, optimizer, scheduler, ema, scaler, amp_dtype, swa_epochs(ecfg.swa_fraction, epochs),
-                     ecfg.validate_every)
+    return ExpertRun(settings, export_name, run_dir, show, crops, expert, step_module, train_samples, train_set,
+                     sampler, train_loader, val_loader, params, optimizer, scheduler, ema, scaler, amp_dtype,
+                     swa_epochs(settings.expert.swa_fraction, train.epochs))
 
 
 def resume_run(run: ExpertRun, rt: Runtime) -> None:
-    """With resume=true and a checkpoint: every state as it was after its epoch."""
-    if not (run.cfg.resume and run.checkpoint.is_file()):
+    """A checkpoint (resume=true): every state as it was after its epoch."""
+    if not run.checkpoint.is_file():
         return
     ck = torch.load(run.checkpoint, map_location=rt.device, weights_only=True)
     run.expert.load_state_dict(ck["model"])
@@ -207,8 +205,8 @@ def resume_run(run: ExpertRun, rt: Runtime) -> None:
 
 def train_one_epoch(run: ExpertRun, epoch: int, rt: Runtime) -> dict:
     """One pass over the training loader; the epoch's row of the history (loss terms, lr, speed)."""
-    cfg = run.cfg
-    seed_everything(sample_seed(seed_of(cfg, cfg.expert_config(run.name)), epoch))  # the expert's own seed
+    train = run.settings.train
+    seed_everything(sample_seed(run.settings.seed, epoch))  # the expert's own seed
     run.sampler.set_epoch(epoch)
     run.train_set.set_epoch(epoch)
     run.expert.train()
@@ -216,14 +214,14 @@ def train_one_epoch(run: ExpertRun, epoch: int, rt: Runtime) -> dict:
     epoch_start, sums, n_batches, n_images = time.time(), {}, 0, 0
     bar = tqdm(run.train_loader, desc=f"{run.name} {epoch + 1}/{run.epochs}", disable=not run.show, leave=False)
     for step, (x, y, *boundaries) in enumerate(bar):
-        x, y = to_input(x, rt.device, cfg.train.channels_last), y.to(rt.device)
+        x, y = to_input(x, rt.device, train.channels_last), y.to(rt.device)
         with autocast(rt.device, run.amp_dtype):
             loss, logs = run.step_module(x, y, *(b.to(rt.device) for b in boundaries))
-        run.scaler.scale(loss / cfg.train.grad_accum).backward()
-        if (step + 1) % cfg.train.grad_accum == 0:
+        run.scaler.scale(loss / train.grad_accum).backward()
+        if (step + 1) % train.grad_accum == 0:
             run.scaler.unscale_(run.optimizer)
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(run.params, cfg.train.grad_clip)
+            if train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(run.params, train.grad_clip)
             run.scaler.step(run.optimizer)
             run.scaler.update()
             run.optimizer.zero_grad(set_to_none=True)
@@ -245,11 +243,11 @@ def validate(run: ExpertRun, row: dict, epoch_start: float, rt: Runtime) -> None
     """Validation AUC of the raw and the EMA weights into `row`, appended to the history; the
     EMA weights are kept as the best when their AUC is the best so far (rank 0 only). Only every
     `validate_every`-th epoch and the last are validated: the others log their loss alone."""
-    cfg, expert = run.cfg, run.expert
-    if row["epoch"] % run.validate_every == 0 or row["epoch"] == run.epochs:
-        p_raw, y_val = predict(expert, run.val_loader, rt.device, cfg.train.channels_last, run.amp_dtype, run.show)
+    expert, channels_last = run.expert, run.settings.train.channels_last
+    if row["epoch"] % run.settings.expert.validate_every == 0 or row["epoch"] == run.epochs:
+        p_raw, y_val = predict(expert, run.val_loader, rt.device, channels_last, run.amp_dtype, run.show)
         with torch.no_grad(), run.ema.average_parameters():  # no_grad: torch-ema's state breaks otherwise
-            p_ema, _ = predict(expert, run.val_loader, rt.device, cfg.train.channels_last, run.amp_dtype, run.show)
+            p_ema, _ = predict(expert, run.val_loader, rt.device, channels_last, run.amp_dtype, run.show)
             ema_state = {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}
         row.update(val_auc=safe_auc(y_val, p_raw), val_auc_ema=safe_auc(y_val, p_ema))
         if run.best["state"] is None or row["val_auc_ema"] > run.best["auc"] or math.isnan(run.best["auc"]):
@@ -263,12 +261,13 @@ def validate(run: ExpertRun, row: dict, epoch_start: float, rt: Runtime) -> None
              row["train_loss"], validated, row["train_images_per_s"], row["seconds"])
 
 
-def export(run: ExpertRun, rt: Runtime, splits: dict, started: float) -> dict:
+def export(run: ExpertRun, rt: Runtime, splits: dict, started: float, cfg: Config) -> dict:
     """Load the best EMA weights (or the SWA mean), let the expert finalize itself, write weights
-    + manifest, the history and the validation scores; the summary recorded in the manifest."""
-    cfg, expert = run.cfg, run.expert
-    train_eval = make_loader(FaceCropDataset(run.train_samples, run.crops, run.size, cfg, train=False,
-                                             region=expert.region), cfg)  # SWA's BatchNorm sees what the expert sees
+    + manifest (in cfg.out, with the run's whole config), the history and the validation scores;
+    the summary recorded in the manifest."""
+    settings, expert = run.settings, run.expert
+    train_eval = make_loader(FaceCropDataset(run.train_samples, run.crops, settings, train=False),
+                             settings)  # SWA's BatchNorm sees what the expert sees
     if run.swa_epochs:  # experts/swa.py
         load_average(expert, run.swa, run.swa_epochs, (to_input(x, rt.device, False) for x, _ in train_eval),
                      run.export_name)
@@ -284,15 +283,16 @@ def export(run: ExpertRun, rt: Runtime, splits: dict, started: float) -> dict:
         "best_epoch": run.best["epoch"], "val_auc": safe_auc(y_val, p_val), "epochs": run.epochs,
         "weights": (f"mean of epochs {run.epochs - run.swa_epochs + 1}-{run.epochs}" if run.swa_epochs
                     else f"EMA weights of the best epoch {run.best['epoch']}"),
-        "train_seconds": round(time.time() - started, 1), "image_size": run.size,
+        "train_seconds": round(time.time() - started, 1), "image_size": settings.data.image_size,
         # where and how it ran, so a manifest says whether the GPU, AMP and DDP were used
         "hardware": {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
-                     "processes": rt.world, "channels_last": cfg.train.channels_last,
+                     "processes": rt.world, "channels_last": settings.train.channels_last,
                      "precision": str(run.amp_dtype).removeprefix("torch.") if run.amp_dtype else "float32"},
         "data": {"trainset": summarize(run.train_samples), "valset": summarize(splits["valset"])},
         "history": run.history,
     }
-    save_expert(expert, cfg.out, run.export_name, cfg.face, {"training": summary}, config=to_dict(cfg))
+    save_expert(expert, cfg.out, run.export_name, settings.face, {"training": summary}, config=to_dict(cfg),
+                settings=settings)
     (run.run_dir / "val_scores.json").write_text(json.dumps(
         {s.name: float(p) for s, p in zip(splits["valset"], p_val)}))
     log.info("%s: %s, val AUC %.4f -> %s/%s.safetensors", run.export_name, summary["weights"],
@@ -300,18 +300,18 @@ def export(run: ExpertRun, rt: Runtime, splits: dict, started: float) -> dict:
     return summary
 
 
-def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name: str | None = None) -> dict:
-    """Train expert `name` of the config; exported (weights, manifest, run dir) as
-    `export_name` (default: the same). Returns its summary (also written to the manifest);
-    {} on the ranks other than 0."""
-    run = build_run(cfg, name, splits, rt, export_name)
-    resume_run(run, rt)
+def train_expert(cfg: Config, settings: ExpertSettings, splits: dict, rt: Runtime, export_name: str) -> dict:
+    """Train the expert of `settings` (one of `cfg`'s); exported (weights, manifest, run dir) as
+    `export_name`. Returns its summary (also written to the manifest); {} on the ranks other than 0."""
+    run = build_run(settings, splits, rt, Path(cfg.run_dir) / export_name, export_name)
+    if cfg.resume:
+        resume_run(run, rt)
     total, trainable = run.expert.parameter_counts()
     if rt.is_main:
-        ecfg = cfg.expert_config(name)
+        ecfg = settings.expert
         built = ecfg.kind + (f", {ecfg.model}" if "model" in run.expert.config_fields else "")
         log.info("%s (%s): %d train / %d val images, %d epochs, %.2fM params (%.3f%% trainable)",
-                 name, built, len(run.train_samples), len(splits["valset"]), run.epochs,
+                 settings.name, built, len(run.train_samples), len(splits["valset"]), run.epochs,
                  total / 1e6, 100 * trainable / total)
     started = time.time()
     for epoch in range(run.start_epoch, run.epochs):
@@ -322,7 +322,7 @@ def train_expert(cfg: Config, name: str, splits: dict, rt: Runtime, export_name:
             save_checkpoint(run, epoch)
         if rt.world > 1:
             dist.barrier()
-    return export(run, rt, splits, started) if rt.is_main else {}
+    return export(run, rt, splits, started, cfg) if rt.is_main else {}
 
 
 def save_checkpoint(run: ExpertRun, epoch: int) -> None:
@@ -363,9 +363,10 @@ def train_experts(cfg: Config) -> None:
     # Every expert's settings before any is trained: a bad key must not surface hours in.
     for name in cfg.experts:
         check_expert_config(cfg.expert_config(name), name)
+    every = [expert_settings(cfg, name) for name in cfg.experts]
     rt = setup_runtime(cfg.device, cfg.threads)
     splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods,
-                         allow_real_only=any(online_fakes_of(cfg, cfg.expert_config(n)) > 0 for n in cfg.experts))
+                         allow_real_only=any(settings.data.online_fakes > 0 for settings in every))
     suffix = ""
     if cfg.data.folds_csv:  # leave-one-cluster-out: fold k validates on cluster k
         pool = splits["trainset"] + splits["valset"]
@@ -383,8 +384,8 @@ def train_experts(cfg: Config) -> None:
         if not rt.is_main:
             for split in cached:
                 splits[split] = cache_face_crops(splits[split], crops, 0, show=False)
-    for name in cfg.experts:
-        train_expert(cfg, name, splits, rt, export_name=name + suffix)
+    for settings in every:
+        train_expert(cfg, settings, splits, rt, export_name=settings.name + suffix)
     if rt.world > 1:
         dist.destroy_process_group()
 

@@ -7,7 +7,8 @@ the hash and loads strictly, so a tampered, truncated or mismatched file is refu
 one-line reason; a file name in the manifest must lie inside the weights folder. Nothing is
 unpickled. Saving writes the weights and the manifest in full to temp files beside them before
 either is renamed into place (`common.files`), so a killed run or a full disk leaves the
-previous weights and manifest whole.
+previous weights and manifest whole. A trained expert's entry also holds the settings it
+trained with (`settings`: configs.settings.ExpertSettings).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from safetensors.torch import save as safetensors_bytes
 from common.errors import UserError
 from common.files import write_files_atomically
 from configs import ExpertConfig, FaceConfig, without_removed
+from configs.settings import ExpertSettings
 from experts.base import Expert, create_expert
 from experts.pretrained import weights_source
 
@@ -103,9 +105,10 @@ def update_manifest(weights_dir, section: str, name: str, entry: dict, config: d
 
 
 def save_expert(model: Expert, weights_dir, name: str, face: FaceConfig, extra: dict,
-                config: dict | None = None) -> Path:
+                config: dict | None = None, settings: ExpertSettings | None = None) -> Path:
     """Write `<name>.safetensors` (the weights as they are: the caller bakes EMA in first)
-    and its manifest entry. Both files are written in full to temp files first and only then
+    and its manifest entry, with the settings it trained with (`settings`, when given;
+    entries written before have none). Both files are written in full to temp files first and only then
     renamed into place, the manifest last, so a full disk leaves the previous pair as it was
     (common.errors.WriteError, one line)."""
     weights_dir = Path(weights_dir)
@@ -121,6 +124,8 @@ def save_expert(model: Expert, weights_dir, name: str, face: FaceConfig, extra: 
         "face": dataclasses.asdict(face), "parameters": total, "trainable_parameters": trainable,
         **extra,
     }
+    if settings is not None:
+        entry["settings"] = dataclasses.asdict(settings)
     if "pretrained" in model.config_fields:  # the weights its backbone started from, and their sha256
         entry["pretrained"] = weights_source(model.cfg.pretrained, model.cfg.pretrained_file, model.cfg.model)
     manifest = updated_manifest(weights_dir, "experts", name, entry, config)

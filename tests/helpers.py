@@ -54,6 +54,16 @@ def tiny_overrides(tmp_path, epochs: int = 2, experts: str | None = None, cache_
     return out
 
 
+def settings_of(cfg, size: int, **own):
+    """The resolved settings (configs.settings) of an expert added to `cfg` with input side
+    `size` and its own ExpertConfig values `own`: what FaceCropDataset takes."""
+    import dataclasses
+
+    from configs import ExpertConfig
+    from configs.settings import expert_settings
+    return expert_settings(dataclasses.replace(cfg, expert={"test": ExpertConfig(image_size=size, **own)}), "test")
+
+
 # infer.py's line per image, without --csv
 PREDICTION_LINE = re.compile(r"^Prediction of \[(.+)\] being Deepfake: (\d\.\d{6})$")
 

@@ -11,6 +11,7 @@ from data_prep.faces import FaceCropCache
 from data_prep.loaders import FaceCropDataset
 from experts import create_expert
 from experts.losses import boundary_loss
+from helpers import settings_of
 
 SIZE = 64
 
@@ -52,8 +53,8 @@ def test_boundary_maps_follow_the_image_and_say_unknown_for_the_data_sets_fakes(
                               "augment.color=0"])
     samples = load_splits(demo_root)["trainset"][:12]
     crops = FaceCropCache(cfg.face, None)
-    plain = FaceCropDataset(samples, crops, 40, cfg, train=True, online_fakes=0.5)
-    ds = FaceCropDataset(samples, crops, 40, cfg, train=True, online_fakes=0.5, boundaries=True)
+    plain = FaceCropDataset(samples, crops, settings_of(cfg, 40, online_fakes=0.5), train=True)
+    ds = FaceCropDataset(samples, crops, settings_of(cfg, 40, online_fakes=0.5), train=True, boundaries=True)
     kinds = set()
     for i, sample in enumerate(samples):
         x, y, boundary = ds[i]
@@ -70,7 +71,7 @@ def test_boundary_maps_follow_the_image_and_say_unknown_for_the_data_sets_fakes(
             kinds.add("editing fake")
     assert kinds == {"real", "data set fake", "editing fake"}
     cfg.augment.hflip = 0.0
-    unflipped = FaceCropDataset(samples, crops, 40, cfg, train=True, online_fakes=0.5, boundaries=True)
+    unflipped = FaceCropDataset(samples, crops, settings_of(cfg, 40, online_fakes=0.5), train=True, boundaries=True)
     fake = next(i for i in range(len(samples)) if ds[i][1] == 1 and samples[i].target == 0)
     torch.testing.assert_close(ds[fake][2], unflipped[fake][2].flip(-1))
 

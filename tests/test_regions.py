@@ -22,7 +22,7 @@ from experts import export_onnx
 from experts import train as experts_train
 from experts.base import check_expert_config
 from experts.weights import MANIFEST
-from helpers import tiny_overrides
+from helpers import settings_of, tiny_overrides
 
 
 def mouth_points(cx: float, cy: float, width: float) -> np.ndarray:
@@ -85,12 +85,12 @@ def test_training_and_validation_cut_the_region_by_the_crops_landmarks(face_file
     samples = [Sample(face_file, 0)]
     crop, points = crops.load(face_file), crops.landmarks(face_file)
     assert points is not None
-    val = FaceCropDataset(samples, crops, 48, cfg, train=False, region="mouth")
+    val = FaceCropDataset(samples, crops, settings_of(cfg, 48, region="mouth"), train=False)
     x, _ = val[0]
     assert torch.equal(x, crop_to_tensor(crop_region(crop, points, "mouth"), 48))
     assert not torch.equal(x, crop_to_tensor(crop, 48))  # not the whole face
     cfg.data.online_fakes = 1.0  # an editing fake is made of the whole crop, then cut
-    train = FaceCropDataset(samples * 2, crops, 48, cfg, train=True, region="mouth")
+    train = FaceCropDataset(samples * 2, crops, settings_of(cfg, 48, region="mouth"), train=True)
     assert train[0][0].shape == (3, 48, 48) and train[0][1] == 1
 
 
@@ -130,9 +130,9 @@ def test_every_crop_the_trainer_gives_a_mouth_expert_is_its_mouth(demo_root, tmp
     regions = []
     build = experts_train.FaceCropDataset
 
-    def recording(*args, **kwargs):
-        regions.append(kwargs.get("region", "face"))
-        return build(*args, **kwargs)
+    def recording(samples, crops, settings, *args, **kwargs):
+        regions.append(settings.expert.region)
+        return build(samples, crops, settings, *args, **kwargs)
 
     monkeypatch.setattr(experts_train, "FaceCropDataset", recording)
     args = tiny_overrides(tmp_path, epochs=2, experts="mouth", cache_dir=crop_cache) + [

@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from configs import ConfigError
+from configs.settings import expert_settings
 from data_prep.loaders import FaceCropDataset
 from experts import train as experts_train
 from experts.weights import MANIFEST, load_expert
-from helpers import cpu_run_overrides, tiny_overrides
+from helpers import cpu_run_overrides, settings_of, tiny_overrides
 
 # ---------------------------------------------------------------- resume
 
@@ -128,8 +129,7 @@ def test_reals_only_valset_is_paired_with_fixed_editing_fakes(demo_root):
 
     cfg = load_config("cpu", ["face.crop_size=48", "data.cache_dir="])
     reals = [s for s in load_splits(demo_root)["valset"] if s.target == 0][:3]
-    ds = FaceCropDataset(reals, FaceCropCache(cfg.face, None), 48, cfg, train=False,
-                                       paired_fakes=True)
+    ds = FaceCropDataset(reals, FaceCropCache(cfg.face, None), settings_of(cfg, 48), train=False, paired_fakes=True)
     assert len(ds) == 6 and [ds[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
     assert torch.equal(ds[4][0], ds[4][0]) and not torch.equal(ds[1][0], ds[4][0])
 
@@ -159,15 +159,13 @@ def test_an_expert_makes_its_own_editing_fakes(demo_root, tmp_path, crop_cache, 
                                                                       for a in asked)
     cfg = load_config("cpu", ["face.crop_size=48", "data.cache_dir=", "expert.forensic.online_fake_ops=[splce]"])
     with pytest.raises(UnknownNameError, match="splce"):
-        FaceCropDataset(load_splits(demo_root)["trainset"], FaceCropCache(cfg.face, None), 48, cfg, train=True,
-                        fake_ops=cfg.expert["forensic"].online_fake_ops)
+        FaceCropDataset(load_splits(demo_root)["trainset"], FaceCropCache(cfg.face, None),
+                        expert_settings(cfg, "forensic"), train=True)
 
 
 def test_an_expert_trains_with_its_own_augmentations(demo_root, tmp_path, crop_cache, monkeypatch):
     """expert.<name>.augment values replace the shared augment.* ones for that expert's
     training crops; the other experts keep the shared ones."""
-    import dataclasses
-
     import data_prep.loaders as loaders
     from configs import load_config
     from data_prep.dataset import load_splits
@@ -176,8 +174,8 @@ def test_an_expert_trains_with_its_own_augmentations(demo_root, tmp_path, crop_c
     cfg = load_config("cpu", ["face.crop_size=48", "data.cache_dir=", "data.online_fakes=0", "augment.hflip=0",
                               "augment.color=0"])
     samples, crops = load_splits(demo_root)["trainset"][:2], FaceCropCache(cfg.face, None)
-    plain = FaceCropDataset(samples, crops, 48, cfg, train=True)
-    flipped = FaceCropDataset(samples, crops, 48, cfg, train=True, augment=dataclasses.replace(cfg.augment, hflip=1.0))
+    plain = FaceCropDataset(samples, crops, settings_of(cfg, 48), train=True)
+    flipped = FaceCropDataset(samples, crops, settings_of(cfg, 48, augment={"hflip": 1.0}), train=True)
     assert torch.equal(flipped[0][0], plain[0][0].flip(-1))
 
     used, original = [], loaders.train_augmentations
@@ -213,7 +211,7 @@ def test_cutout_reaches_the_training_crops(tmp_path):
         cfg = load_config("cpu", ["face.enabled=false", "face.fallback=full", "face.crop_size=256",
                                   "face.shrink=resize", "data.cache_dir=", "data.online_fakes=0", "augment.hflip=0",
                                   "augment.color=0", f"augment.cutout={cutout}"])
-        return FaceCropDataset(samples, FaceCropCache(cfg.face, None), 256, cfg, train=train)[0][0]
+        return FaceCropDataset(samples, FaceCropCache(cfg.face, None), settings_of(cfg, 256), train=train)[0][0]
 
     plain, erased = crop(0.0), crop(1.0)
     black = (erased == 0).all(dim=0) & (plain != 0).any(dim=0)
