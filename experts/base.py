@@ -141,7 +141,8 @@ def create_backbone(cfg: ExpertConfig, **kwargs) -> nn.Module:
         # timm reads .safetensors directly, and .pth/.bin with torch.load(weights_only=True).
         return _create_model(cfg, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     if is_packaged(cfg.pretrained):
-        overlay = dict(mean=packaged(cfg.pretrained).mean, std=packaged(cfg.pretrained).std)
+        spec = packaged(cfg.pretrained)
+        overlay = dict(mean=spec.mean, std=spec.std)
         full = {k: v for k, v in kwargs.items() if k not in FEATURE_KWARGS}
         backbone = _create_model(cfg, pretrained=False, pretrained_cfg_overlay=overlay, **full)
         load_packaged_weights(backbone, cfg.pretrained)
