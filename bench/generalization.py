@@ -15,8 +15,9 @@ folder under `--work`, one after the other (two trainings on 2 cores would only 
   c  reals only: train on the reals plus the project's editing fakes (data.online_fakes,
      0.5 here unless overridden) with no fake of the data set at all, select the epoch on the
      validation reals and their editing fakes; test on every method (the self-blended-images
-     protocol). No stacker: its validation split has no fakes of the data set to fit on, so
-     the ensemble is the plain mean of the experts.
+     protocol). The stacker is fitted on the same: the validation reals and an editing fake
+     of each (ensemble.editing_fakes, 1.0 here unless overridden), so it learns which
+     experts catch fakes no one trained them on, from no fake of the data set.
   d  cross-dataset: protocol a's detector on each `--cross` labelled folder (e.g.
      ../shared/data/lfw_faceswap/testset).
 
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = ("a", "b", "c", "d")
 REAL = "real"
 C_ONLINE_FAKES = "0.5"  # protocol c: half the training images are editing fakes
+C_EDITING_FAKES = "1.0"  # protocol c: the stacker's fakes, one editing fake per validation real
 
 
 class BenchError(UserError):
@@ -112,9 +114,10 @@ def protocol_b(data_root, work, overrides, methods: list[str], held_out: list[st
 
 
 def protocol_c(data_root, work, overrides) -> dict:
-    fakes = [] if any(o.startswith("data.online_fakes=") for o in overrides) \
-        else [f"data.online_fakes={C_ONLINE_FAKES}"]
-    res = train_and_test(data_root, work / "c", overrides, [f"data.methods=[{REAL}]", *fakes], False,
+    fakes = [f"{key}={value}" for key, value in (("data.online_fakes", C_ONLINE_FAKES),
+                                                 ("ensemble.editing_fakes", C_EDITING_FAKES))
+             if not any(o.startswith(f"{key}=") for o in overrides)]
+    res = train_and_test(data_root, work / "c", overrides, [f"data.methods=[{REAL}]", *fakes], True,
                          {"testset": None})
     table = {}
     for model, row in res["testset"]["per_method_auc"].items():

@@ -163,7 +163,7 @@ class ExpertConfig:
     validate_every: int = 1        # validate every n-th epoch and the last (the best EMA epoch is one of them)
     input_filter: str = "none"     # none | srm (fixed noise-residual channels beside RGB)
     trainable: str = "all"         # timm, clip: all | norm_head (the normalisation layers' affine + the head;
-                                   # CLIP's LayerNorms, a CNN's BatchNorms) | head (frozen backbone, a probe)
+                                   # CLIP's LayerNorms, a CNN's BatchNorms)
     head_layers: int = 1           # depth of the MLP head (timm, clip)
     embed_dim: int = 128           # output of the projection head for the NCE loss
     drop_rate: float = 0.0

@@ -29,6 +29,7 @@ REMOVED_KEYS = {
 REMOVED_NAMES = {
     "kind": ("expert kind", ("cooccurrence",)),                # the residual co-occurrence expert
     "online_fake_ops": ("editing op", ("upsample_artefacts",)),  # a generator's up-sampling pattern
+    "trainable": ("trainable setting", ("head",)),              # a linear probe on the frozen backbone
 }
 
 

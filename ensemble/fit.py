@@ -144,7 +144,8 @@ def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
         raise ConfigError(f"ensemble.method must be auto or one of {sorted(COMBINERS)}, got {cfg.ensemble.method!r}")
     k = check_oof_config(cfg)
     if splits is None:
-        splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods)
+        splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods,
+                             allow_real_only=cfg.ensemble.editing_fakes > 0)
     # The experts the stacker combines at test time: the ones trained on all the data.
     detector = EnsembleDetector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta, use_stacker=False)
     columns = detector.feature_names()
@@ -163,10 +164,15 @@ def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
                               f"{counts[0]} real(s) and {counts[1]} fake(s); it needs at least 2 of each")
     # Every expert score means "higher is faker"; the TTA spreads may point either way.
     monotone = [int(cfg.ensemble.monotone and col in detector.experts) for col in columns]
+    # Calibrated on the scored images alone; where they are all reals (a data set of reals
+    # whose only fakes are editing fakes), on the editing fakes too: one class has no curve.
+    both_classes = len(np.unique(y[~editing])) == 2
+    calibrated_on = ("the scored images, not the editing fakes" if both_classes
+                     else "the scored images (all real) and the editing fakes")
     stacker = StackingEnsemble(method=cfg.ensemble.method, cv=cfg.ensemble.cv, random_state=cfg.seed,
                                feature_names=columns, monotone=monotone,
                                n_scores=len(detector.experts), calibrate=cfg.ensemble.calibrate
-                               ).fit(X, y, calibration_rows=~editing)
+                               ).fit(X, y, calibration_rows=~editing if both_classes else None)
     out = Path(cfg.out)
     path = out / ENSEMBLE_FILE
     write_files_atomically({path: json.dumps(stacker.to_state()).encode()})  # a full disk: one line
@@ -177,7 +183,7 @@ def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
              "tta": detector.tta, "method": stacker.method_,
              "feature_names": columns, "cv_auc": stacker.cv_auc_,
              "calibration": {"slope": stacker.calibration_[0], "intercept": stacker.calibration_[1],
-                             "fitted_on": "the scored images, not the editing fakes"}
+                             "fitted_on": calibrated_on}
              if cfg.ensemble.calibrate else None,
              "fitted_on": fitted_on + (f" + {n_editing} editing fakes of its reals" if n_editing else "")}
     update_manifest(out, "ensemble", "stacker", entry)
@@ -198,7 +204,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     splits = None  # read here only when the fold trainings need them first
     if check_oof_config(cfg) and not args.reuse_fold_experts:
-        splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods)
+        splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods,
+                             allow_real_only=cfg.ensemble.editing_fakes > 0)
         # The experts the stacker will combine must be there before K trainings, not after.
         missing = [n for n in cfg.experts if n not in read_manifest(cfg.out).get("experts", {})]
         if missing:

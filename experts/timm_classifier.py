@@ -37,11 +37,10 @@ from experts.losses import boundary_loss
 
 TIMM_FIELDS = frozenset({"model", "model_args", "pretrained", "pretrained_file", "input_filter", "head_layers",
                          "embed_dim", "drop_rate", "boundary_loss", "trainable"})
-# What the optimizer updates (`trainable`): everything; the normalisation layers' affine
+# What the optimizer updates (`trainable`): everything, or the normalisation layers' affine
 # parameters and the head (the CNN form of the CLIP recipe's LayerNorm + head: the pretrained
-# features re-centred, not rewritten); or the head alone on frozen features (a linear probe,
-# the UniversalFakeDetect idea). `layernorm_head` is the older name of norm_head.
-TRAINABLE = ("all", "norm_head", "head")
+# features re-centred, not rewritten). `layernorm_head` is the older name of norm_head.
+TRAINABLE = ("all", "norm_head")
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 log = logging.getLogger(__name__)
 
@@ -78,26 +77,17 @@ class TimmClassifier(FeatureClassifier):
         self.trainable = "norm_head" if cfg.trainable == "layernorm_head" else cfg.trainable
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"trainable must be one of {list(TRAINABLE)}, got {cfg.trainable!r}")
-        if self.trainable != "all":
+        if self.trainable == "norm_head":
             for module in backbone.modules():
-                learns = self.trainable == "norm_head" and isinstance(module, NORM_LAYERS)
                 for param in module.parameters(recurse=False):
-                    param.requires_grad = learns
+                    param.requires_grad = isinstance(module, NORM_LAYERS)
 
     def trainable_parameters(self, loss_cfg):
         if self.trainable != "all" and not (self.cfg.pretrained or self.cfg.pretrained_file):
-            log.warning("%s expert %r: tuning only %s of a random backbone means little; give it pretrained "
-                        "weights (pretrained: ..., or pretrained_file: PATH)", self.cfg.kind, self.cfg.model,
-                        "the normalisation layers and head" if self.trainable == "norm_head" else "the head")
+            log.warning("%s expert %r: tuning only the normalisation layers and head of a random backbone "
+                        "means little; give it pretrained weights (pretrained: ..., or pretrained_file: PATH)",
+                        self.cfg.kind, self.cfg.model)
         return super().trainable_parameters(loss_cfg)
-
-    def train(self, mode: bool = True):
-        # A probe reads the pretrained features as they are: the frozen backbone's BatchNorm
-        # statistics stay ImageNet's (eval mode) while the head trains.
-        super().train(mode)
-        if self.trainable == "head":
-            self.backbone.eval()
-        return self
 
     @property
     def learns_boundaries(self) -> bool:

@@ -29,7 +29,7 @@ def test_cpu_profile_values_and_defaults():
     assert cfg.data.fake_masks == "landmarks"
     assert [cfg.expert[name].pretrained for name in cfg.experts] == ["efficientnet_lite0", "efficientnet_lite0", "", ""]
     assert cfg.expert["effnet_lite0_sbi"].train_on == "reals" and cfg.expert["effnet_lite0_sbi"].online_fakes == 0.5
-    assert [cfg.expert[f"effnet_lite{n}"].trainable for n in ("0", "0_norm", "2_probe")] == ["all", "norm_head", "head"]
+    assert [cfg.expert[name].trainable for name in ("effnet_lite0", "effnet_lite0_sbi")] == ["all", "all"]
     assert cfg.expert["forensic"].image_size == 256 and cfg.expert["mesonet"].image_size == 256
     assert cfg.expert["clip"].trainable == "all"
     assert cfg.expert["resnet"].input_filter == "srm" and cfg.expert["resnet"].epochs == 26
@@ -265,6 +265,7 @@ REMOVED_MESSAGE = "was removed (measured and not kept: RESULTS.md)"
     ("expert.new.kind=cooccurrence", "expert.new.kind: the expert kind 'cooccurrence'"),
     ("data.online_fake_ops=[splice,upsample_artefacts]", "data.online_fake_ops: the editing op 'upsample_artefacts'"),
     ("expert.forensic.online_fake_ops=upsample_artefacts", "expert.forensic.online_fake_ops: the editing op"),
+    ("expert.effnet_lite0.trainable=head", "expert.effnet_lite0.trainable: the trainable setting 'head'"),
 ])
 def test_a_removed_option_is_a_one_line_error_saying_so(override, named):
     with pytest.raises(ConfigError) as err:

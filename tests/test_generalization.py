@@ -108,6 +108,11 @@ def test_bench_protocols_end_to_end(methods_root, tmp_path):
     manifest = json.loads((work / "c" / "weights" / "manifest.json").read_text())
     data = manifest["experts"]["resnet"]["training"]["data"]
     assert data["trainset"]["n_fake"] == 0 and data["valset"]["n_fake"] == 0
+    # and its stacker learned from the validation reals and their editing fakes alone
+    n_val = data["valset"]["n"]
+    assert manifest["ensemble"]["stacker"]["fitted_on"] == (f"valset ({n_val} images, hold-out) + {n_val} "
+                                                            f"editing fakes of its reals")
+    assert set(result["c"]["ensemble"]) >= {*METHODS, "mean"}
     # any labelled folder, without a data root: thresholds fall back to 0.5
     reports = tmp_path / "foreign"
     assert ev.main(["--test", str(methods_root / "testset"), "--weights", str(work / "a" / "weights"),

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from skimage import data
 
-from configs import ExpertConfig, LossConfig, load_config
+from configs import ExpertConfig, load_config
 from experts import check_pretrained, create_expert
 from experts.pretrained import (
     PACKAGED,
@@ -153,18 +153,6 @@ def test_norm_head_trains_the_normalisation_layers_and_the_head_only():
     assert all(p.requires_grad for p in expert.head.parameters())
     total, trainable = expert.parameter_counts()
     assert 0 < trainable < total
-
-
-def test_head_freezes_the_backbone_and_its_batchnorm_statistics():
-    expert = tiny("head")
-    assert not any(p.requires_grad for p in expert.backbone.parameters())
-    params = {id(p) for p in expert.trainable_parameters(LossConfig())}
-    assert params == {id(p) for p in expert.head.parameters()}
-    expert.train()
-    assert expert.head.training and not expert.backbone.training
-    before = {k: v.clone() for k, v in expert.backbone.state_dict().items()}
-    expert.training_loss(torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]), LossConfig())
-    assert all(torch.equal(before[k], v) for k, v in expert.backbone.state_dict().items())
 
 
 def test_layernorm_head_is_the_older_name_of_norm_head():

@@ -115,6 +115,28 @@ def test_the_stacker_is_calibrated_on_the_scored_images_only(trained_ensemble, d
     assert np.array_equal(y[rows], [s.target for s in val]) and y[~rows].tolist() == [1] * n_reals
 
 
+def test_a_valset_of_reals_only_is_fitted_and_calibrated_with_its_editing_fakes(trained_ensemble, demo_root,
+                                                                                 tmp_path):
+    """A data set of reals only (protocol c, or a user with no fakes): the stacker learns from
+    the editing fakes of the validation reals, and is calibrated on them too."""
+    from data_prep.dataset import load_splits
+    root = tmp_path / "reals_only"
+    shutil.copytree(demo_root / "trainset", root / "trainset")
+    shutil.copy(demo_root / "trainset_label.txt", root / "trainset_label.txt")
+    reals = [s for s in load_splits(demo_root)["valset"] if s.target == 0]
+    (root / "valset").mkdir()
+    for s in reals:
+        shutil.copy(s.path, root / "valset" / s.path.name)
+    (root / "valset_label.txt").write_text(
+        "img_name,target\n" + "".join(f"{s.path.name},0\n" for s in reals))
+    weights = copy_weights(trained_ensemble, tmp_path)
+    overrides = [o for o in trained_ensemble["overrides"] if not o.startswith("out=")]
+    assert ensemble_fit.main([str(root), *overrides, f"out={weights}", "ensemble.editing_fakes=1.0"]) == 0
+    stacker = json.loads((weights / MANIFEST).read_text())["ensemble"]["stacker"]
+    assert stacker["fitted_on"] == f"valset ({len(reals)} images, hold-out) + {len(reals)} editing fakes of its reals"
+    assert stacker["calibration"]["fitted_on"] == "the scored images (all real) and the editing fakes"
+
+
 def test_infer_csv_on_testset(trained_ensemble, demo_root, tmp_path):
     out = tmp_path / "sub" / "predictions.csv"
     code = infer.main([str(demo_root / "testset"), "--csv", str(out), "--weights", str(trained_ensemble["weights"])])
