@@ -14,11 +14,13 @@ already trained). Either way it then combines the experts of `out` (trained on a
 mean by the meta-learner's own cross-validated AUC and keeps the best. With
 `ensemble.editing_fakes=F`, a fraction F of the scored reals also enters the fit as an
 editing fake of itself: fakes of no method the experts were trained on, so that the
-meta-learner rewards the experts that catch unseen manipulations. Its inputs are the
+meta-learner rewards the experts that catch unseen manipulations; with them, a valset of
+reals only will do (protocol c: no fake of the data set anywhere). Its inputs are the
 experts' scores (and, with `train.tta`, their spreads between the views). With
 `ensemble.calibrate` (the default) the stacker's output is then Platt-scaled on the scored
 images alone, so that editing fakes, which double the fakes of a hold-out fit, do not
-inflate every P(fake). The result goes to `<out>/ensemble.json` (JSON, no pickle) and the manifest.
+inflate every P(fake) (where the scored images are all reals, on the editing fakes too).
+The result goes to `<out>/ensemble.json` (JSON, no pickle) and the manifest.
 """
 from __future__ import annotations
 
