@@ -139,6 +139,13 @@ def stacking_matrix(cfg: Config, row_sets: list[StackingRows], final: EnsembleDe
     return np.vstack(blocks), np.concatenate(targets), np.concatenate(editing)
 
 
+def read_splits(cfg: Config) -> dict:
+    """The data root's splits as the stacker reads them: with editing fakes to fit on, a
+    valset of reals only will do."""
+    return load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods,
+                       allow_real_only=cfg.ensemble.editing_fakes > 0)
+
+
 def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
     """Fit the stacker (k-fold: on the fold experts already trained) and record it in `out`;
     `splits`: the data root's, when the caller has already read them."""
@@ -146,8 +153,7 @@ def fit_ensemble(cfg: Config, splits: dict | None = None) -> dict:
         raise ConfigError(f"ensemble.method must be auto or one of {sorted(COMBINERS)}, got {cfg.ensemble.method!r}")
     k = check_oof_config(cfg)
     if splits is None:
-        splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods,
-                             allow_real_only=cfg.ensemble.editing_fakes > 0)
+        splits = read_splits(cfg)
     # The experts the stacker combines at test time: the ones trained on all the data.
     detector = EnsembleDetector.from_weights(cfg.out, cfg.experts, cfg.device, tta=cfg.train.tta, use_stacker=False)
     columns = detector.feature_names()
@@ -206,8 +212,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     splits = None  # read here only when the fold trainings need them first
     if check_oof_config(cfg) and not args.reuse_fold_experts:
-        splits = load_splits(cfg.data_root, seed=cfg.seed, methods=cfg.data.methods,
-                             allow_real_only=cfg.ensemble.editing_fakes > 0)
+        splits = read_splits(cfg)
         # The experts the stacker will combine must be there before K trainings, not after.
         missing = [n for n in cfg.experts if n not in read_manifest(cfg.out).get("experts", {})]
         if missing:

@@ -120,6 +120,7 @@ def test_a_valset_of_reals_only_is_fitted_and_calibrated_with_its_editing_fakes(
     """A data set of reals only (protocol c, or a user with no fakes): the stacker learns from
     the editing fakes of the validation reals, and is calibrated on them too."""
     from data_prep.dataset import load_splits
+    from data_prep.labels import write_label_file
     root = tmp_path / "reals_only"
     shutil.copytree(demo_root / "trainset", root / "trainset")
     shutil.copy(demo_root / "trainset_label.txt", root / "trainset_label.txt")
@@ -127,8 +128,7 @@ def test_a_valset_of_reals_only_is_fitted_and_calibrated_with_its_editing_fakes(
     (root / "valset").mkdir()
     for s in reals:
         shutil.copy(s.path, root / "valset" / s.path.name)
-    (root / "valset_label.txt").write_text(
-        "img_name,target\n" + "".join(f"{s.path.name},0\n" for s in reals))
+    write_label_file(root / "valset_label.txt", [(s.path.name, 0) for s in reals])
     weights = copy_weights(trained_ensemble, tmp_path)
     overrides = [o for o in trained_ensemble["overrides"] if not o.startswith("out=")]
     assert ensemble_fit.main([str(root), *overrides, f"out={weights}", "ensemble.editing_fakes=1.0"]) == 0
